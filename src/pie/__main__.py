@@ -1,0 +1,5 @@
+import sys
+
+from pie.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `pie` command line."""

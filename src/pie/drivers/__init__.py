@@ -1,0 +1,1 @@
+"""Drivers execute one batched forward pass (see protocol.py for the contract)."""

@@ -1,0 +1,250 @@
+"""The scheduler-to-driver contract: one batched forward pass as a struct of arrays.
+
+Everything here is plain numpy on the host, importable and testable without a GPU,
+and serializable as-is for the dev driver's subprocess channel.
+
+Layout of one batch of R requests, T tokens, O output rows:
+
+    token_ids[T], positions[T]          tokens of all requests, concatenated
+    qo_indptr[R+1]                      request r owns tokens qo_indptr[r]:qo_indptr[r+1]
+    kv_page_indices[P]                  request r's KV pages, in order:
+    kv_page_indptr[R+1]                   kv_page_indices[kv_page_indptr[r]:kv_page_indptr[r+1]]
+    kv_last_page_len[R]                 fill of r's last page *after* this pass appends (1..page_size)
+
+So request r's KV length after the pass is
+    kv_len[r] = (num_pages_r - 1) * page_size + kv_last_page_len[r]
+and its n_r new tokens are written to KV slots kv_len[r] - n_r .. kv_len[r] - 1.
+Positions (for RoPE) are independent of slots: the inferlet chooses them.
+
+Attention is causal over slots unless `mask` is given. A mask covers every request:
+request r's rows are mask[mask_indptr[r]:mask_indptr[r+1]] reshaped to [n_r, kv_len[r]]
+(row i = new token i, column j = KV slot j, True = may attend).
+
+Outputs: output_indices[O] are global token rows (0..T-1) whose outputs are wanted;
+each has its own sampler (temperature 0 = argmax) and optional extras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class BatchError(ValueError):
+    """A ForwardBatch that breaks the contract; the message says which field and why."""
+
+
+def _i32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int32)
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    qo_indptr: np.ndarray  # [R+1] int32
+    kv_page_indices: np.ndarray  # [P] int32
+    kv_page_indptr: np.ndarray  # [R+1] int32
+    kv_last_page_len: np.ndarray  # [R] int32
+    output_indices: np.ndarray  # [O] int32, global token rows
+    temperature: np.ndarray  # [O] float32; 0 means argmax
+    top_k: np.ndarray  # [O] int32; 0 means off
+    top_p: np.ndarray  # [O] float32; 1.0 means off
+    min_p: np.ndarray  # [O] float32; 0.0 means off
+    seed: np.ndarray  # [O] int64; -1 means unseeded
+    dist_k: np.ndarray  # [O] int32; >0 returns the top-k distribution of that row
+    return_logits: np.ndarray  # [O] bool; True returns the row's full logits
+    return_logprobs: bool = False  # log-prob of each sampled token and entropy of each row
+    mask: np.ndarray | None = None  # flat bool, see module docstring
+    mask_indptr: np.ndarray | None = None  # [R+1] int64
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.qo_indptr.shape[0]) - 1
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.output_indices.shape[0])
+
+    def kv_lens(self, page_size: int) -> np.ndarray:
+        """[R] int32 KV length of each request after this pass."""
+        num_pages = np.diff(self.kv_page_indptr)
+        return _i32((num_pages - 1) * page_size + self.kv_last_page_len)
+
+    def qo_lens(self) -> np.ndarray:
+        return _i32(np.diff(self.qo_indptr))
+
+    # ---- checks ---------------------------------------------------------
+    def validate(self, page_size: int, num_pages: int, vocab_size: int | None = None) -> None:
+        """Raise BatchError if the batch breaks the contract. Cheap (vectorized)."""
+        T, R, O = self.num_tokens, self.num_requests, self.num_outputs
+        if R < 1:
+            raise BatchError("batch has no requests")
+        if self.positions.shape != (T,):
+            raise BatchError(f"positions has shape {self.positions.shape}, expected ({T},)")
+        if self.kv_page_indptr.shape != (R + 1,) or self.kv_last_page_len.shape != (R,):
+            raise BatchError("kv_page_indptr must be [R+1] and kv_last_page_len [R]")
+        if self.qo_indptr[0] != 0 or self.qo_indptr[-1] != T or np.any(np.diff(self.qo_indptr) < 1):
+            raise BatchError("qo_indptr must start at 0, end at num_tokens and give each request >= 1 token")
+        npages = np.diff(self.kv_page_indptr)
+        if self.kv_page_indptr[0] != 0 or self.kv_page_indptr[-1] != self.kv_page_indices.shape[0]:
+            raise BatchError("kv_page_indptr must start at 0 and end at len(kv_page_indices)")
+        if np.any(npages < 1):
+            raise BatchError("every request needs at least one KV page")
+        if np.any(self.kv_last_page_len < 1) or np.any(self.kv_last_page_len > page_size):
+            raise BatchError(f"kv_last_page_len must be in 1..{page_size}")
+        if self.kv_page_indices.size and (
+            self.kv_page_indices.min() < 0 or self.kv_page_indices.max() >= num_pages
+        ):
+            raise BatchError(f"kv_page_indices out of range 0..{num_pages - 1}")
+        if np.any(self.kv_lens(page_size) < self.qo_lens()):
+            raise BatchError("a request has more new tokens than KV slots")
+        if vocab_size is not None and T and (self.token_ids.min() < 0 or self.token_ids.max() >= vocab_size):
+            raise BatchError(f"token id out of range 0..{vocab_size - 1}")
+        if O and (self.output_indices.min() < 0 or self.output_indices.max() >= T):
+            raise BatchError("output_indices out of range")
+        for name in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits"):
+            if getattr(self, name).shape != (O,):
+                raise BatchError(f"{name} must have one entry per output row ({O})")
+        if (self.mask is None) != (self.mask_indptr is None):
+            raise BatchError("mask and mask_indptr come together")
+        if self.mask is not None:
+            sizes = self.qo_lens().astype(np.int64) * self.kv_lens(page_size)
+            expect = np.concatenate([[0], np.cumsum(sizes)])
+            if self.mask_indptr.shape != (R + 1,) or np.any(self.mask_indptr != expect):
+                raise BatchError("mask_indptr must delimit [n_r, kv_len_r] blocks per request")
+            if self.mask.shape != (int(expect[-1]),):
+                raise BatchError("mask length does not match mask_indptr")
+
+    # ---- (de)serialization for the dev driver's channel ------------------
+    def to_wire(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = _arr_to_wire(v) if isinstance(v, np.ndarray) else v
+        return out
+
+    @classmethod
+    def from_wire(cls, d: dict) -> ForwardBatch:
+        return cls(**{k: _arr_from_wire(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+@dataclass
+class ForwardResult:
+    tokens: np.ndarray  # [O] int64 sampled token per output row
+    logprobs: np.ndarray | None = None  # [O] float32, log p(sampled token) at temperature 1
+    entropies: np.ndarray | None = None  # [O] float32, entropy of the row's distribution (nats)
+    logits: np.ndarray | None = None  # [L, V] float32, rows with return_logits, in output order
+    dist_ids: np.ndarray | None = None  # [O, kmax] int64, top-k token ids, -1 padded
+    dist_probs: np.ndarray | None = None  # [O, kmax] float32, their probabilities, 0 padded
+
+    def to_wire(self) -> dict:
+        return {f.name: _arr_to_wire(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> ForwardResult:
+        return cls(**{k: _arr_from_wire(v) for k, v in d.items()})
+
+
+@dataclass
+class Capabilities:
+    """A driver's answer to the handshake, before the first forward pass."""
+
+    protocol_version: int
+    architecture: str  # HF model_type
+    num_pages: int
+    page_size: int
+    vocab_size: int
+    max_batch_tokens: int
+    max_batch_size: int
+    max_dist_size: int
+    device: str
+    dtype: str
+    num_layers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Capabilities:
+        return cls(**d)
+
+
+def _arr_to_wire(a):
+    if a is None:
+        return None
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def _arr_from_wire(d):
+    if d is None:
+        return None
+    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def make_batch(
+    requests: list[dict],
+    page_size: int,
+) -> ForwardBatch:
+    """Build a ForwardBatch from per-request dicts (tests, tools; the scheduler has a vectorized path).
+
+    Each dict: token_ids, positions, pages, last_page_len, and optionally
+    outputs (indices local to the request), sampler fields per output
+    (temperature, top_k, top_p, min_p, seed, dist_k, return_logits), mask ([n, kv_len] bool).
+    """
+    tok, pos, qo, pages, pindptr, last, outs = [], [], [0], [], [0], [], []
+    samp: dict[str, list] = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits")}
+    defaults = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": -1, "dist_k": 0, "return_logits": False}
+    masks, any_mask = [], any(r.get("mask") is not None for r in requests)
+    for r in requests:
+        base = qo[-1]
+        n = len(r["token_ids"])
+        tok.extend(r["token_ids"])
+        pos.extend(r["positions"])
+        qo.append(base + n)
+        pages.extend(r["pages"])
+        pindptr.append(len(pages))
+        last.append(r["last_page_len"])
+        local = r.get("outputs", [])
+        outs.extend(base + i for i in local)
+        for k in samp:
+            v = r.get(k, defaults[k])
+            samp[k].extend(v if isinstance(v, (list, tuple)) else [v] * len(local))
+        if any_mask:
+            kv_len = (len(r["pages"]) - 1) * page_size + r["last_page_len"]
+            m = r.get("mask")
+            if m is None:  # causal over slots
+                m = np.tril(np.ones((n, kv_len), dtype=bool), k=kv_len - n)
+            masks.append(np.asarray(m, dtype=bool).reshape(-1))
+    mask = mask_indptr = None
+    if any_mask:
+        mask = np.concatenate(masks)
+        mask_indptr = np.concatenate([[0], np.cumsum([m.size for m in masks])]).astype(np.int64)
+    return ForwardBatch(
+        token_ids=np.asarray(tok, dtype=np.int64),
+        positions=np.asarray(pos, dtype=np.int64),
+        qo_indptr=_i32(qo),
+        kv_page_indices=_i32(pages),
+        kv_page_indptr=_i32(pindptr),
+        kv_last_page_len=_i32(last),
+        output_indices=_i32(outs),
+        temperature=np.asarray(samp["temperature"], dtype=np.float32),
+        top_k=_i32(samp["top_k"]),
+        top_p=np.asarray(samp["top_p"], dtype=np.float32),
+        min_p=np.asarray(samp["min_p"], dtype=np.float32),
+        seed=np.asarray(samp["seed"], dtype=np.int64),
+        dist_k=_i32(samp["dist_k"]),
+        return_logits=np.asarray(samp["return_logits"], dtype=bool),
+        mask=mask,
+        mask_indptr=mask_indptr,
+    )
