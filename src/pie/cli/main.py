@@ -22,7 +22,7 @@ COMMANDS = ["run_cmd", "config_cmd", "model_cmd", "driver_cmd", "doctor_cmd", "b
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", metavar="PATH", default=None,
+        "-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
         help="config file (default: $PIE_HOME/config.toml, PIE_HOME defaults to ~/.pie)",
     )
     parser = argparse.ArgumentParser(
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # SUPPRESS above keeps a subparser's default from overwriting `pie -c X cmd`
+    args.config = getattr(args, "config", None)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -1,0 +1,57 @@
+"""Attention backends by name: "torch" (portable), "flashinfer" (CUDA fast path), "auto"."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from pie.attention.base import AttentionBackend
+from pie.errors import DriverError
+
+BACKENDS = ("auto", "flashinfer", "torch")
+_FLASHINFER_HINT = (
+    "install it into the driver's environment: pip install flashinfer-python==0.6.3 "
+    'apache-tvm-ffi==0.1.15.post2 einops (or set attention_backend = "torch")'
+)
+
+
+def flashinfer_available() -> bool:
+    """True when `import flashinfer` succeeds (it may fail at import even when the package is present)."""
+    if importlib.util.find_spec("flashinfer") is None:
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def create_backend(name: str, **kwargs) -> AttentionBackend:
+    """Build a backend; kwargs are AttentionBackend's constructor arguments (num_qo_heads, num_kv_heads,
+    head_dim, page_size, dtype, device, sm_scale).
+
+    "auto" picks FlashInfer when the device is CUDA and flashinfer imports, else the torch backend.
+    """
+    if name == "auto":
+        device = torch.device(kwargs.get("device", "cpu"))
+        name = "flashinfer" if device.type == "cuda" and flashinfer_available() else "torch"
+    if name == "torch":
+        from pie.attention.torch_backend import TorchBackend
+
+        return TorchBackend(**kwargs)
+    if name == "flashinfer":
+        try:
+            import flashinfer  # noqa: F401
+        except Exception as e:
+            raise DriverError(
+                f"attention backend 'flashinfer' needs FlashInfer, which failed to import ({e}); {_FLASHINFER_HINT}"
+            ) from None
+        if torch.device(kwargs.get("device", "cpu")).type != "cuda":
+            raise DriverError(
+                "attention backend 'flashinfer' runs on CUDA only; use 'torch' or 'auto' on CPU"
+            )
+        from pie.attention.flashinfer_backend import FlashInferBackend
+
+        return FlashInferBackend(**kwargs)
+    raise DriverError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")

@@ -1,0 +1,250 @@
+"""ModelExecutor: the one copy of "run a ForwardBatch through the model" that every driver shares.
+
+Build: config.json -> ModelConfig -> model class (registry) built on the meta device, materialized on
+the target device, then filled from safetensors (or randomly, for benchmarks); KV pages planned
+(kv_plan) and allocated as one tensor [L, num_pages, 2, page_size, Hkv, D]; attention backend by name.
+
+Execute: validate -> AttentionMetadata -> backend.plan -> model.forward over all T tokens ->
+logits of the O output rows (fp32) -> sampling -> one host copy at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pie.attention import create_backend
+from pie.attention.base import AttentionMetadata
+from pie.drivers.kv_plan import free_memory_bytes, page_bytes, plan_num_pages
+from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.sampling import SamplingParams, sample
+from pie.drivers.spec import ExecutorSpec
+from pie.errors import DriverError, ModelError
+from pie.layers.attention import ForwardContext
+from pie.layers.norm import RMSNorm
+from pie.models.config import ModelConfig
+from pie.models.registry import get_model_class
+from pie.models.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+_QUANTIZED = ("int4", "int8", "float8", "fp8", "float8_e4m3fn", "float8_e5m2")
+
+
+def resolve_dtypes(activation_dtype: str, weight_dtype: str) -> tuple[torch.dtype, torch.dtype]:
+    """(activation, weight) torch dtypes; weight "auto" means the activation dtype."""
+    if activation_dtype not in _DTYPES:
+        raise DriverError(f"activation_dtype {activation_dtype!r} is not one of bfloat16, float16, float32")
+    act = _DTYPES[activation_dtype]
+    if weight_dtype == "auto":
+        return act, act
+    if weight_dtype in _QUANTIZED:
+        raise DriverError(
+            f"weight_dtype {weight_dtype!r} (quantized weights) is not implemented yet; use 'auto'"
+        )
+    if weight_dtype not in _DTYPES:
+        raise DriverError(f"weight_dtype {weight_dtype!r} is not one of auto, bfloat16, float16, float32")
+    if _DTYPES[weight_dtype] != act:
+        raise DriverError(
+            f"weight_dtype {weight_dtype} differs from activation_dtype {activation_dtype}; mixed precision is "
+            "not implemented yet: use weight_dtype 'auto'"
+        )
+    return act, act
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DriverError(f"invalid device {name!r}; use 'cpu' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DriverError(f"device {name!r} requested but CUDA is not available to this torch build")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DriverError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise DriverError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda:N'")
+    return device
+
+
+def read_model_config(model_path: str | Path) -> ModelConfig:
+    path = Path(model_path) / "config.json"
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ModelError(f"no config.json in {model_path}; is it a Hugging Face model directory?") from None
+    except ValueError as e:
+        raise ModelError(f"{path} is not valid JSON ({e})") from None
+
+
+def init_random_(model: torch.nn.Module, seed: int) -> None:
+    """Benchmark weights: normal(0, 0.02) matrices, zero biases, unit norm scales; seeded, on-device."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for name, p in model.named_parameters():
+        if id(p) in norms:
+            p.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+class ModelExecutor:
+    """Owns the model, its KV cache and the attention backend of one driver. Not thread-safe: one
+    `execute` at a time (drivers serialize forward passes)."""
+
+    def __init__(self, spec: ExecutorSpec, progress: bool = False) -> None:
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.dtype, self.weight_dtype = resolve_dtypes(spec.activation_dtype, spec.weight_dtype)
+        if spec.page_size < 1:
+            raise DriverError(f"page_size must be >= 1, got {spec.page_size}")
+        self.model_config = cfg = read_model_config(spec.model_path)
+        model_cls = get_model_class(cfg.model_type)
+
+        free_before = free_memory_bytes(self.device)
+        # Meta-device construction allocates nothing; to_empty then materializes each parameter once,
+        # directly on the target device in the target dtype (an 8B model never touches host memory).
+        with torch.device("meta"):
+            model = model_cls(cfg)
+        model = model.to(dtype=self.weight_dtype).to_empty(device=self.device)
+        if spec.random_weights:
+            init_random_(model, spec.seed)
+        else:
+            load_weights(model, spec.model_path, progress=progress)
+        self.model = model.eval().requires_grad_(False)
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        free_after = free_memory_bytes(self.device)
+
+        pbytes = page_bytes(cfg, spec.page_size, self.dtype)
+        act_bytes = torch.empty((), dtype=self.dtype).element_size()
+        self.num_pages = plan_num_pages(
+            spec, pbytes, self.weights_bytes, free_before, free_after, model_config=cfg, act_bytes=act_bytes
+        )
+        shape = (cfg.num_layers, self.num_pages, 2, spec.page_size, cfg.num_kv_heads, cfg.head_dim)
+        try:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError:
+            raise DriverError(
+                f"out of memory allocating {self.num_pages} KV pages ({self.num_pages * pbytes / 2**30:.2f} GiB); "
+                "lower gpu_mem_utilization or max_num_kv_pages"
+            ) from None
+        self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views [num_pages, 2, ps, Hkv, D]
+        self.backend = create_backend(
+            spec.attention_backend,
+            num_qo_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            page_size=spec.page_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        log.info(
+            "executor ready: %s on %s, %d KV pages of %d, backend %s",
+            cfg.model_type,
+            self.device,
+            self.num_pages,
+            spec.page_size,
+            self.backend.name,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        cfg, spec = self.model_config, self.spec
+        return Capabilities(
+            protocol_version=PROTOCOL_VERSION,
+            architecture=cfg.model_type,
+            num_pages=self.num_pages,
+            page_size=spec.page_size,
+            vocab_size=cfg.vocab_size,
+            max_batch_tokens=spec.max_batch_tokens,
+            max_batch_size=spec.max_batch_size,
+            max_dist_size=spec.max_dist_size,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            num_layers=cfg.num_layers,
+            extra={
+                "attention_backend": self.backend.name,
+                "max_position_embeddings": cfg.max_position_embeddings,
+                "eos_token_ids": list(cfg.eos_token_ids),
+                "weights_bytes": self.weights_bytes,
+                "kv_cache_bytes": self.kv_cache.numel() * self.kv_cache.element_size(),
+            },
+        )
+
+    def check_batch(self, batch: ForwardBatch) -> None:
+        """The protocol checks plus this executor's limits; BatchError says what was wrong."""
+        spec = self.spec
+        batch.validate(spec.page_size, self.num_pages, self.model_config.vocab_size)
+        if batch.num_tokens > spec.max_batch_tokens:
+            raise BatchError(
+                f"batch has {batch.num_tokens} tokens, more than max_batch_tokens {spec.max_batch_tokens}"
+            )
+        if batch.num_requests > spec.max_batch_size:
+            raise BatchError(
+                f"batch has {batch.num_requests} requests, more than max_batch_size {spec.max_batch_size}"
+            )
+        max_pos = self.model_config.max_position_embeddings
+        if batch.positions.min() < 0 or batch.positions.max() >= max_pos:
+            raise BatchError(f"positions must be in 0..{max_pos - 1} (the model's max_position_embeddings)")
+        if batch.num_outputs and batch.dist_k.max() > spec.max_dist_size:
+            raise BatchError(f"dist_k exceeds max_dist_size {spec.max_dist_size}")
+        if batch.mask is not None:
+            # every mask row must allow at least one slot (an empty softmax is NaN)
+            kv_lens = batch.kv_lens(spec.page_size).astype(np.int64)
+            qo_lens = batch.qo_lens().astype(np.int64)
+            req = np.repeat(np.arange(batch.num_requests), qo_lens)
+            row_in_req = np.arange(batch.num_tokens) - batch.qo_indptr[req]
+            starts = batch.mask_indptr[:-1][req] + row_in_req * kv_lens[req]
+            empty = ~np.logical_or.reduceat(batch.mask, starts)
+            if empty.any():
+                raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
+
+    def execute(self, batch: ForwardBatch) -> ForwardResult:
+        """One forward pass; returns host (numpy) results for the batch's output rows."""
+        self.check_batch(batch)
+        dev = self.device
+        with torch.inference_mode():
+            meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
+            self.backend.plan(meta)
+            ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
+            input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
+            positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
+            hidden = self.model(input_ids, positions, ctx)  # [T, H]
+            if batch.num_outputs == 0:
+                return ForwardResult(tokens=np.zeros(0, dtype=np.int64))
+            rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
+            logits = self.model.compute_logits(hidden[rows])  # [O, V] fp32
+            out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
+            keep_rows = np.flatnonzero(batch.return_logits)
+            kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
+            # single device -> host transfer point
+            return ForwardResult(
+                tokens=_np(out.tokens, np.int64),
+                logprobs=_np(out.logprobs, np.float32),
+                entropies=_np(out.entropies, np.float32),
+                logits=_np(kept, np.float32),
+                dist_ids=_np(out.dist_ids, np.int64),
+                dist_probs=_np(out.dist_probs, np.float32),
+            )
+
+
+def _np(t: torch.Tensor | None, dtype) -> np.ndarray | None:
+    return None if t is None else t.detach().to("cpu").numpy().astype(dtype, copy=False)

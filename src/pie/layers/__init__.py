@@ -1,0 +1,1 @@
+"""Building blocks shared by all model families (norm, rotary, fused linears, attention, MLP, decoder)."""

@@ -1,0 +1,32 @@
+"""model_type (from config.json) -> model class. Explicit table, imported lazily so an unused family
+costs nothing at startup."""
+
+from __future__ import annotations
+
+import importlib
+
+from pie.errors import ModelError
+
+# model_type -> (module, class). Mistral is the Llama architecture (ModelConfig.from_hf rejects its
+# sliding-window variants).
+_MODELS: dict[str, tuple[str, str]] = {
+    "llama": ("pie.models.llama", "LlamaForCausalLM"),
+    "mistral": ("pie.models.llama", "LlamaForCausalLM"),
+    "qwen2": ("pie.models.qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("pie.models.qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(model_type: str) -> type:
+    """The class for an HF model_type; ModelError listing the supported types otherwise."""
+    try:
+        module, name = _MODELS[model_type]
+    except KeyError:
+        raise ModelError(
+            f"model_type {model_type!r} is not supported; supported types: {', '.join(supported_model_types())}"
+        ) from None
+    return getattr(importlib.import_module(module), name)

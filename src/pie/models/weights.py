@@ -1,0 +1,119 @@
+"""Load an HF safetensors checkpoint (single file or sharded with an index) into a pie model.
+
+Checkpoint names map 1:1 onto module names except fused projections, which each model declares as data
+(`packed_modules_mapping`: {"q_proj": ("qkv_proj", "q"), ...}); the fused module's `load_shard` places
+the tensor. Tensors are read straight onto the parameter's device and cast by copy_.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from pie.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Checkpoint tensors that carry no weights we need (derived buffers written by old transformers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from model.safetensors.index.json, else model.safetensors."""
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [d / f for f in sorted(set(weight_map.values()))]
+    elif (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    else:
+        raise ModelError(
+            f"no model.safetensors or model.safetensors.index.json in {d}; pie loads safetensors checkpoints only"
+        )
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelError(f"checkpoint shards listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool = False) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`.
+
+    Raises ModelError naming missing tensors or shape mismatches; checkpoint tensors the model does not
+    use (e.g. lm_head.weight of a tied model, rotary inv_freq) are skipped.
+    """
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
+    device = next(iter(params.values())).device
+    # safetensors takes "cpu", "cuda:N" (int index also works); reading onto the target device skips a hop.
+    st_device = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
+    loaded: set[str] = set()
+    shard_seen: dict[str, set] = {}
+    files = checkpoint_files(model_dir)
+    with tqdm(desc="loading weights", unit="tensor", file=sys.stderr, disable=not progress) as bar:
+        for path in files:
+            with safe_open(str(path), framework="pt", device=st_device) as f:
+                keys = list(f.keys())
+                bar.total = (bar.total or 0) + len(keys)
+                bar.refresh()
+                for key in keys:
+                    bar.update(1)
+                    if key.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    name, shard_id = _target(key, packed)
+                    param = params.get(name)
+                    if param is None:
+                        log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
+                        continue
+                    tensor = f.get_tensor(key)
+                    try:
+                        if shard_id is None:
+                            if param.shape != tensor.shape:
+                                raise ValueError(
+                                    f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                                )
+                            param.data.copy_(tensor)
+                            loaded.add(name)
+                        else:
+                            module = model.get_submodule(name.rsplit(".", 1)[0])
+                            module.load_shard(param, tensor, shard_id)
+                            shard_seen.setdefault(name, set()).add(shard_id)
+                    except ValueError as e:
+                        raise ModelError(f"checkpoint tensor {key} does not fit {name}: {e}") from None
+    for name, seen in shard_seen.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        if seen == set(module.shard_slices):
+            loaded.add(name)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        shown = ", ".join(_checkpoint_names(n, packed, shard_seen.get(n, set())) for n in missing[:8])
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
+
+
+def _target(key: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
+    """Checkpoint key -> (parameter name, shard id or None)."""
+    for part, (fused, shard_id) in packed.items():
+        if f".{part}." in key:
+            return key.replace(f".{part}.", f".{fused}."), shard_id
+    return key, None
+
+
+def _checkpoint_names(param: str, packed: dict[str, tuple[str, str | int]], seen: set) -> str:
+    """The checkpoint names that should have filled `param` (for a fused one: only the absent shards)."""
+    names = [
+        param.replace(f".{fused}.", f".{part}.")
+        for part, (fused, shard_id) in packed.items()
+        if f".{fused}." in param and shard_id not in seen
+    ]
+    return ", ".join(names) if names else param

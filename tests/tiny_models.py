@@ -1,0 +1,138 @@
+"""Tiny random Hugging Face checkpoints for tests: written through transformers itself, so they are exactly
+what a real download looks like (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+
+make_tiny_checkpoint(dirpath, arch) -> Path. Archs: llama, llama3_scaled (llama3 rope scaling), llama_tied,
+mistral, qwen2 (q/k/v bias), qwen3 (q/k norms). Shapes: hidden 64, 2 layers, 4 heads, 2 kv heads (head_dim
+16), intermediate 128, vocab = the tokenizer's (~400). Weights are seeded and larger than HF's default
+init (std 0.15) so logits have a clear argmax; biases and norm scales are random too, so a bias or norm
+wired to the wrong tensor changes the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ARCHS = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A programmable serving system lets small programs drive
+a language model one token at a time. Each program owns contexts whose keys and values live in pages
+of a fixed size; the engine batches the forward passes of every live program and hands each batch to
+a driver. Hello world! Hello there, how are you today? I am fine, thank you, and you?
+def main(input):
+    context = model.new_context()
+    context.fill("You are a helpful assistant.")
+    return context.generate(max_tokens=32)
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000 2024 3.14159.
+Questions and answers: What is the capital of France? Paris. What is two plus two? Four.
+The weather is sunny with a chance of rain in the afternoon; bring an umbrella just in case.
+Attention is all you need. Rotary position embeddings rotate queries and keys by their position.
+"""
+
+
+def _train_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        initializer_range=0.15,
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        pad_token_id=special["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if arch == "llama3_scaled":
+        # original context 64: with head_dim 16 the 8 frequencies fall in all three llama3 bands.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    kw = {**common, "rope_parameters": rope}
+    if arch in ("llama", "llama3_scaled", "llama_tied"):
+        cls, kw = tf.LlamaConfig, {**kw, "tie_word_embeddings": arch == "llama_tied"}
+    elif arch == "mistral":
+        cls, kw = tf.MistralConfig, {**kw, "sliding_window": None}
+    elif arch == "qwen2":
+        cls, kw = tf.Qwen2Config, {**kw, "use_sliding_window": False}
+    elif arch == "qwen3":
+        cls, kw = tf.Qwen3Config, {**kw, "use_sliding_window": False}
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS}")
+    return cls(**{**kw, **overrides})
+
+
+def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> Path:
+    """Write a seeded tiny HF checkpoint for `arch` into dirpath (created) and return it.
+
+    config_overrides go to the transformers config constructor (e.g. num_hidden_layers=3).
+    """
+    import transformers as tf
+
+    out = Path(dirpath)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer()
+    special = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = _hf_config(arch, tok.get_vocab_size(), special, config_overrides)
+    torch.manual_seed(ARCHS.index(arch) if arch in ARCHS else 0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out, safe_serialization=True)
+
+    tok.save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "model_max_length": config.max_position_embeddings,
+        "add_bos_token": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out
