@@ -55,7 +55,9 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs
+    ) -> str:
         """The conversation as text, through the model's chat template (no tokenization)."""
         if not self.has_chat_template:
             raise ModelError(

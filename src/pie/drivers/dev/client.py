@@ -1,0 +1,344 @@
+"""DevDriver: runs the shared ModelExecutor in a child process and talks to it over a socketpair.
+
+Lifecycle: start() spawns `python -m pie.drivers.dev.server --fd N` under the resolved interpreter,
+sends hello and waits for ready; forward() pipelines requests (ids -> futures, one reader task);
+shutdown() asks politely, then kills. The child's stdout+stderr go through one pipe into a ring
+buffer (for error messages) and on to our stderr, prefixed `[dev-driver] `.
+
+Invariant: once the child is gone (exit, crash, kill, closed channel), every forward in flight
+and every later one fails promptly with a DriverError naming the exit status and the output tail.
+Two watchers make that hold: the socket reader (EOF) and proc.wait() (exit); whichever fires first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import itertools
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+from pie.drivers.base import Driver
+from pie.drivers.dev import wire
+from pie.drivers.dev.interpreter import child_env, resolve_python
+from pie.drivers.dev.server import DEFAULT_EXECUTOR
+from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.spec import ExecutorSpec
+from pie.errors import DriverError
+
+PREFIX = "[dev-driver] "
+TAIL_LINES = 40
+# After the child's exit, how long to wait for its last output / last frames to arrive.
+DRAIN_S = 1.0
+
+
+def describe_status(rc: int | None) -> str:
+    """'status -9 (killed by SIGKILL)', 'status 3', or 'status unknown'."""
+    if rc is None:
+        return "status unknown"
+    if rc < 0:
+        try:
+            return f"status {rc} (killed by {signal.Signals(-rc).name})"
+        except ValueError:
+            return f"status {rc} (killed by signal {-rc})"
+    return f"status {rc}"
+
+
+class OutputTail:
+    """Echoes the child's output to our stderr with a line prefix and keeps the last lines.
+
+    Carriage returns (progress bars) are echoed as-is so a terminal redraws in place; the ring
+    buffer keeps only each line's final \\r-segment, i.e. what the terminal ends up showing.
+    """
+
+    def __init__(self, maxlen: int = TAIL_LINES, echo=None):
+        self.lines: collections.deque[str] = collections.deque(maxlen=maxlen)
+        self._partial = ""
+        self._at_line_start = True
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._echo = echo if echo is not None else sys.stderr
+
+    def feed(self, chunk: bytes) -> None:
+        text = self._decoder.decode(chunk).replace("\r\n", "\n")
+        out = []
+        for part in re.split(r"([\r\n])", text):
+            if part in ("\r", "\n"):
+                out.append(part)
+                self._at_line_start = True
+                if part == "\n":
+                    self.lines.append(self._partial)
+                self._partial = ""
+            elif part:
+                if self._at_line_start:
+                    out.append(PREFIX)
+                    self._at_line_start = False
+                out.append(part)
+                self._partial += part
+        if out:
+            self._echo.write("".join(out))
+            self._echo.flush()
+
+    def close(self) -> None:
+        self.feed(self._decoder.decode(b"", final=True).encode())
+        if self._partial:
+            self.lines.append(self._partial)
+            self._partial = ""
+        if not self._at_line_start:
+            self._echo.write("\n")
+            self._at_line_start = True
+
+    def text(self) -> str:
+        lines = list(self.lines) + ([self._partial] if self._partial else [])
+        if not lines:
+            return "(the dev driver printed nothing)"
+        return f"last {len(lines)} lines of dev driver output:\n" + "\n".join("  | " + ln for ln in lines)
+
+
+class DevDriver(Driver):
+    """A Driver whose ModelExecutor runs in a subprocess (any venv; CPU or GPU)."""
+
+    def __init__(
+        self,
+        spec: ExecutorSpec,
+        python: str | None = None,
+        venv: str | None = None,
+        ready_timeout_s: float = 600.0,
+        shutdown_timeout_s: float = 5.0,
+        executor: str | None = None,
+    ):
+        self.spec = spec
+        self.python, self.venv = python, venv
+        self.ready_timeout_s, self.shutdown_timeout_s = ready_timeout_s, shutdown_timeout_s
+        self.executor = executor or DEFAULT_EXECUTOR
+        self.interpreter: str | None = None  # resolved at start()
+        self.interpreter_rule: str | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.tail = OutputTail()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._dead: str | None = None  # why every forward now fails
+        self._channel_error: str | None = None  # the reader's reason, when the channel broke
+        self._closing = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> Capabilities:
+        if self.proc is not None:
+            raise DriverError("dev driver already started")
+        self.interpreter, self.interpreter_rule = resolve_python(self.venv, self.python)
+        parent_sock, child_sock = socket.socketpair()
+        fd = child_sock.fileno()
+        cmd = [self.interpreter, "-m", "pie.drivers.dev.server", "--fd", str(fd), "--executor", self.executor]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(fd,),
+                env=child_env(),
+            )
+        except OSError as e:
+            parent_sock.close()
+            raise DriverError(
+                f"cannot run the dev driver interpreter {self.interpreter} (chosen by {self.interpreter_rule}): {e}"
+            ) from e
+        finally:
+            child_sock.close()  # the child holds its own copy; ours would hide its EOF
+        try:
+            self._reader, self._writer = await asyncio.open_connection(sock=parent_sock)
+            self._tasks["output"] = asyncio.create_task(self._pump_output())
+            self._tasks["exit"] = asyncio.create_task(self.proc.wait())
+            caps = await self._handshake()
+        except BaseException:
+            await self._kill()
+            await self._wait_output()
+            await self._close_all()
+            raise
+        self.capabilities = caps
+        self._tasks["reader"] = asyncio.create_task(self._read_loop())
+        self._tasks["watch"] = asyncio.create_task(self._watch())
+        return caps
+
+    async def _handshake(self) -> Capabilities:
+        wire.write_frame(self._writer, wire.hello(PROTOCOL_VERSION, self.spec))
+        read = asyncio.create_task(wire.read_frame(self._reader))
+        exit_task = self._tasks["exit"]
+        try:
+            await asyncio.wait(
+                {read, exit_task}, timeout=self.ready_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if exit_task.done() and not read.done():
+                # It exited; a final error frame may still be in the socket buffer.
+                await asyncio.wait({read}, timeout=DRAIN_S)
+            if not read.done():
+                if exit_task.done():
+                    raise DriverError(await self._failure("exited before it was ready"))
+                await self._kill()
+                what = f"did not become ready within {self.ready_timeout_s:g} s (ready_timeout_s); killed it"
+                raise DriverError(await self._failure(what, status=False))
+            try:
+                msg = read.result()
+            except (wire.ProtocolError, ConnectionError) as e:
+                raise DriverError(await self._failure(f"broke the protocol during the handshake: {e}")) from e
+        finally:
+            read.cancel()
+        if msg is None:
+            await self._wait_exit(DRAIN_S)
+            raise DriverError(await self._failure("exited before it was ready"))
+        if msg["type"] == "error":
+            await self._wait_exit(DRAIN_S)
+            raise DriverError(await self._failure(f"failed to start: {msg['message']}"))
+        if msg["type"] != "ready":
+            raise DriverError(await self._failure(f"answered hello with {msg['type']!r}"))
+        if msg.get("version") != PROTOCOL_VERSION:
+            raise DriverError(
+                f"protocol version mismatch: the dev driver speaks version {msg.get('version')}, "
+                f"this pie speaks version {PROTOCOL_VERSION}"
+            )
+        return Capabilities.from_wire(msg["capabilities"])
+
+    async def shutdown(self) -> None:
+        """Ask the child to exit; kill it after shutdown_timeout_s. Idempotent."""
+        if self.proc is None or self._closing:
+            return
+        self._closing = True
+        if self._dead is None and self.proc.returncode is None:
+            try:
+                wire.write_frame(self._writer, wire.shutdown())
+                await asyncio.wait_for(self._writer.drain(), self.shutdown_timeout_s)
+            except (ConnectionError, TimeoutError):
+                pass  # dead or wedged: the wait below decides
+            if not await self._wait_exit(self.shutdown_timeout_s):
+                print(
+                    f"{PREFIX}did not exit within {self.shutdown_timeout_s:g} s; killing it", file=sys.stderr
+                )
+        await self._kill()
+        watch = self._tasks.get("watch")
+        if watch is not None:
+            await watch  # fails anything still pending ("shut down")
+        await self._wait_output()
+        await self._close_all()
+
+    async def _close_all(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    async def forward(self, batch: ForwardBatch) -> ForwardResult:
+        if self.capabilities is None or self._writer is None:
+            raise DriverError("dev driver is not running: call `await driver.start()` first")
+        if self._dead is not None:
+            raise DriverError(self._dead)
+        if self._closing:
+            raise DriverError("dev driver is shutting down")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            wire.write_frame(self._writer, wire.forward(rid, batch))
+            await self._writer.drain()
+            msg = await fut
+        except ConnectionError:
+            # The watcher is about to report the exit; its message says why.
+            msg = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if msg["type"] == "result":
+            return ForwardResult.from_wire(msg["result"])
+        if msg.get("kind") == "BatchError":
+            raise BatchError(msg["message"])
+        raise DriverError(f"dev driver: forward failed ({msg.get('kind') or 'error'}): {msg['message']}")
+
+    # ---- background tasks --------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        """Routes results/errors to their futures until EOF. Unknown ids are late answers to cancelled calls."""
+        try:
+            while (msg := await wire.read_frame(self._reader)) is not None:
+                if msg["type"] == "bye":
+                    return
+                fut = self._pending.get(msg.get("id"))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                elif msg["type"] == "error" and msg.get("id") is None:
+                    print(f"{PREFIX}protocol error from the child: {msg['message']}", file=sys.stderr)
+        except ConnectionError:
+            pass  # the child died with requests unread (ECONNRESET): same as EOF
+        except wire.ProtocolError as e:
+            self._channel_error = f"{type(e).__name__}: {e}"
+
+    async def _watch(self) -> None:
+        """Waits for the child's exit or the channel's EOF, then fails everything pending."""
+        exit_task, reader = self._tasks["exit"], self._tasks["reader"]
+        await asyncio.wait({exit_task, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not exit_task.done() and not self._closing:
+            # Channel closed or broke but the process lingers: it is of no use any more. After an
+            # EOF it is likely exiting (give it a moment, for its real status); after garbage, kill.
+            if self._channel_error is not None or not await self._wait_exit(2 * DRAIN_S):
+                await self._kill()
+        # Results the child sent just before exiting still count.
+        await asyncio.wait({reader}, timeout=DRAIN_S)
+        reader.cancel()
+        await self._wait_exit(None)
+        if self._closing:
+            self._dead = "dev driver was shut down"
+        elif self._channel_error is not None:
+            self._dead = await self._failure(f"broke the channel ({self._channel_error}); stopped it")
+        else:
+            self._dead = await self._failure(f"exited with {describe_status(self.proc.returncode)}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(DriverError(self._dead))
+
+    async def _pump_output(self) -> None:
+        stream = self.proc.stdout
+        while chunk := await stream.read(1 << 16):
+            self.tail.feed(chunk)
+        self.tail.close()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    async def _wait_exit(self, timeout: float | None) -> bool:
+        """True if the child has exited (waiting up to timeout seconds; None = forever)."""
+        exit_task = self._tasks.get("exit")
+        if exit_task is None:
+            return True
+        await asyncio.wait({exit_task}, timeout=timeout)
+        return exit_task.done()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+            await self.proc.wait()
+
+    async def _wait_output(self) -> None:
+        """Let the output pump catch up with a child that has exited (bounded: a grandchild may hold the pipe)."""
+        output = self._tasks.get("output")
+        if output is not None:
+            await asyncio.wait({output}, timeout=DRAIN_S)
+
+    async def _failure(self, what: str, status: bool = True) -> str:
+        """'dev driver (python, rule) <what>' + the output tail, once the output pipe has drained."""
+        await self._wait_output()
+        suffix = ""
+        if status and self.proc is not None and self.proc.returncode is not None and "status" not in what:
+            suffix = f" ({describe_status(self.proc.returncode)})"
+        return (
+            f"dev driver {what}{suffix}\n"
+            f"  interpreter: {self.interpreter} (chosen by {self.interpreter_rule})\n{self.tail.text()}"
+        )

@@ -1,0 +1,58 @@
+"""From a config's [[model]] entry to a Driver (not started).
+
+The config (pie.config) has been validated when it was loaded, so values here are trusted; the
+only work is naming: config option keys -> ExecutorSpec fields, driver type -> driver class.
+"""
+
+from __future__ import annotations
+
+from pie.config import ModelEntry
+from pie.drivers.base import Driver
+from pie.drivers.spec import ExecutorSpec
+from pie.errors import ConfigError
+
+
+def executor_spec(entry: ModelEntry) -> ExecutorSpec:
+    from pie.models.hub import resolve_model_dir
+
+    d, o = entry.driver, entry.driver.options
+    if d.tensor_parallel_size != 1 or len(d.device) != 1:
+        raise ConfigError(
+            f"model {entry.name!r}: tensor parallelism is not implemented yet; "
+            "set tensor_parallel_size = 1 and a single device"
+        )
+    common = dict(
+        model_path=str(resolve_model_dir(entry.hf_repo)),
+        device=d.device[0],
+        activation_dtype=d.activation_dtype,
+        weight_dtype=o.weight_dtype,
+        page_size=o.kv_page_size,
+        gpu_mem_utilization=o.gpu_mem_utilization,
+        max_batch_tokens=o.max_batch_tokens,
+        max_batch_size=o.max_batch_size,
+    )
+    if d.type == "cuda_native":
+        return ExecutorSpec(**common, kv_policy="cuda_native", max_num_kv_pages=o.max_num_kv_pages)
+    if d.type == "dev":
+        return ExecutorSpec(**common, kv_policy="dev", max_dist_size=o.max_dist_size)
+    raise ConfigError(f"model {entry.name!r}: unknown driver type {d.type!r}; use cuda_native or dev")
+
+
+def create_driver(entry: ModelEntry, in_process: bool = False) -> Driver:
+    """The driver the entry asks for. `in_process` (tests, debugging) runs any entry's executor in
+    this process through InProcessDriver, whatever its driver type."""
+    spec = executor_spec(entry)
+    d, o = entry.driver, entry.driver.options
+    if in_process:
+        from pie.drivers.inprocess import InProcessDriver
+
+        return InProcessDriver(spec)
+    if d.type == "cuda_native":
+        from pie.drivers.cuda_native import CudaNativeDriver
+
+        return CudaNativeDriver(
+            spec, ready_timeout_s=o.ready_timeout_s, shutdown_timeout_s=o.shutdown_timeout_s
+        )
+    from pie.drivers.dev.client import DevDriver
+
+    return DevDriver(spec, python=o.python, venv=o.venv, ready_timeout_s=600, shutdown_timeout_s=5)

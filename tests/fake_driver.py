@@ -1,0 +1,138 @@
+"""A CPU driver for scheduler and SDK tests: records every batch and computes outputs from a fake KV.
+
+The fake keeps, per KV slot, the token id and position written there, so its output for a row
+depends on everything that row may attend to. The sampled token of a row is
+
+    fake_next(tokens, positions) = sum_j ((tok_j + 1) * 31 + pos_j) * (j + 1)  mod P  mod vocab
+
+over the visible slots j (causal: 0..slot; or the mask row). A scheduler that gets pages, chunk
+boundaries or last_page_len wrong changes the visible KV and therefore the tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+
+from pie.drivers.base import Driver
+from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult
+from pie.errors import DriverError
+
+_P = 1_000_003
+
+
+def fake_next(tokens, positions, vocab_size: int) -> int:
+    """The token the fake driver samples after a causal sequence (for reference loops in tests)."""
+    t = np.asarray(tokens, dtype=np.int64)
+    p = np.asarray(positions, dtype=np.int64)
+    j = np.arange(t.shape[0], dtype=np.int64)
+    return int((((t + 1) * 31 + p) * (j + 1)).sum() % _P % vocab_size)
+
+
+class FakeDriver(Driver):
+    def __init__(
+        self,
+        num_pages: int = 64,
+        page_size: int = 4,
+        vocab_size: int = 1000,
+        max_batch_tokens: int = 64,
+        max_batch_size: int = 8,
+        max_dist_size: int = 8,
+    ) -> None:
+        self.caps = Capabilities(
+            protocol_version=1,
+            architecture="fake",
+            num_pages=num_pages,
+            page_size=page_size,
+            vocab_size=vocab_size,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            max_dist_size=max_dist_size,
+            device="cpu",
+            dtype="float32",
+        )
+        self.kv_tok = np.full((num_pages, page_size), -1, dtype=np.int64)
+        self.kv_pos = np.full((num_pages, page_size), -1, dtype=np.int64)
+        self.batches: list[ForwardBatch] = []
+        self.gate: asyncio.Event | None = None  # when set to an unset Event, forward waits on it
+        self.fail_if: Callable[[ForwardBatch], Exception | None] | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.started = self.stopped = False
+
+    async def start(self) -> Capabilities:
+        self.started = True
+        self.capabilities = self.caps
+        return self.caps
+
+    async def shutdown(self) -> None:
+        self.stopped = True
+
+    async def forward(self, batch: ForwardBatch) -> ForwardResult:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            batch.validate(self.caps.page_size, self.caps.num_pages, self.caps.vocab_size)
+            self.batches.append(batch)
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+            err = self.fail_if(batch) if self.fail_if else None
+            if err is not None:
+                raise err
+            return self._run(batch)
+        finally:
+            self.in_flight -= 1
+
+    def _run(self, b: ForwardBatch) -> ForwardResult:
+        ps, V = self.caps.page_size, self.caps.vocab_size
+        kv_lens, qo_lens = b.kv_lens(ps), b.qo_lens()
+        req = np.repeat(np.arange(b.num_requests), qo_lens)
+        slot = (kv_lens - qo_lens)[req] + np.arange(b.num_tokens) - b.qo_indptr[req]
+        page = b.kv_page_indices[b.kv_page_indptr[req] + slot // ps]
+        self.kv_tok[page, slot % ps] = b.token_ids
+        self.kv_pos[page, slot % ps] = b.positions
+        tokens = []
+        for row in b.output_indices.tolist():
+            r = int(req[row])
+            n = int(kv_lens[r])
+            pages = b.kv_page_indices[b.kv_page_indptr[r] : b.kv_page_indptr[r + 1]]
+            toks = self.kv_tok[pages].reshape(-1)[:n]
+            poss = self.kv_pos[pages].reshape(-1)[:n]
+            if b.mask is None:
+                visible = np.arange(n) <= slot[row]
+            else:
+                i = row - int(b.qo_indptr[r])
+                block = b.mask[b.mask_indptr[r] : b.mask_indptr[r + 1]].reshape(int(qo_lens[r]), n)
+                visible = block[i]
+            j = np.nonzero(visible)[0]
+            tokens.append(int((((toks[j] + 1) * 31 + poss[j]) * (j + 1)).sum() % _P % V))
+        tok = np.array(tokens, dtype=np.int64)
+        num_out = b.num_outputs
+        kmax = int(b.dist_k.max()) if num_out else 0
+        dist_ids = dist_probs = None
+        if kmax:
+            dist_ids = (tok[:, None] + np.arange(kmax)[None, :]) % V
+            dist_ids = np.where(np.arange(kmax)[None, :] < b.dist_k[:, None], dist_ids, -1)
+            dist_probs = np.where(dist_ids >= 0, 1.0 / (np.arange(kmax) + 2), 0.0).astype(np.float32)
+        logits = None
+        if b.return_logits.any():
+            logits = np.zeros((int(b.return_logits.sum()), V), dtype=np.float32)
+            logits[np.arange(logits.shape[0]), tok[b.return_logits]] = 1.0
+        return ForwardResult(
+            tokens=tok,
+            logprobs=-(tok.astype(np.float32) / V) if b.return_logprobs else None,
+            entropies=np.full(num_out, 0.5, dtype=np.float32) if b.return_logprobs else None,
+            logits=logits,
+            dist_ids=dist_ids,
+            dist_probs=dist_probs,
+        )
+
+
+class DeadDriver(FakeDriver):
+    """A driver whose every forward fails, as a crashed one does."""
+
+    async def forward(self, batch: ForwardBatch) -> ForwardResult:
+        raise DriverError("driver process exited with code 1")
