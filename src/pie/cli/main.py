@@ -22,7 +22,10 @@ COMMANDS = ["run_cmd", "config_cmd", "model_cmd", "driver_cmd", "doctor_cmd", "b
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", metavar="PATH", default=argparse.SUPPRESS,
+        "-c",
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
         help="config file (default: $PIE_HOME/config.toml, PIE_HOME defaults to ~/.pie)",
     )
     parser = argparse.ArgumentParser(

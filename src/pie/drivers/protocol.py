@@ -85,7 +85,7 @@ class ForwardBatch:
     # ---- checks ---------------------------------------------------------
     def validate(self, page_size: int, num_pages: int, vocab_size: int | None = None) -> None:
         """Raise BatchError if the batch breaks the contract. Cheap (vectorized)."""
-        T, R, O = self.num_tokens, self.num_requests, self.num_outputs
+        T, R, O = self.num_tokens, self.num_requests, self.num_outputs  # noqa: E741
         if R < 1:
             raise BatchError("batch has no requests")
         if self.positions.shape != (T,):
@@ -203,8 +203,18 @@ def make_batch(
     (temperature, top_k, top_p, min_p, seed, dist_k, return_logits), mask ([n, kv_len] bool).
     """
     tok, pos, qo, pages, pindptr, last, outs = [], [], [0], [], [0], [], []
-    samp: dict[str, list] = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits")}
-    defaults = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": -1, "dist_k": 0, "return_logits": False}
+    samp: dict[str, list] = {
+        k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits")
+    }
+    defaults = {
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "seed": -1,
+        "dist_k": 0,
+        "return_logits": False,
+    }
     masks, any_mask = [], any(r.get("mask") is not None for r in requests)
     for r in requests:
         base = qo[-1]
