@@ -31,11 +31,18 @@ def create_backend(name: str, **kwargs) -> AttentionBackend:
     """Build a backend; kwargs are AttentionBackend's constructor arguments (num_qo_heads, num_kv_heads,
     head_dim, page_size, dtype, device, sm_scale).
 
-    "auto" picks FlashInfer when the device is CUDA and flashinfer imports, else the torch backend.
+    "auto" picks FlashInfer when the device is CUDA, flashinfer imports and supports the shape and dtype,
+    else the torch backend.
     """
     if name == "auto":
-        device = torch.device(kwargs.get("device", "cpu"))
-        name = "flashinfer" if device.type == "cuda" and flashinfer_available() else "torch"
+        name = "torch"
+        if torch.device(kwargs.get("device", "cpu")).type == "cuda" and flashinfer_available():
+            from pie.attention.flashinfer_backend import unsupported_reason
+
+            why = unsupported_reason(
+                kwargs["num_qo_heads"], kwargs["num_kv_heads"], kwargs["head_dim"], kwargs["dtype"]
+            )
+            name = "torch" if why else "flashinfer"
     if name == "torch":
         from pie.attention.torch_backend import TorchBackend
 

@@ -1,0 +1,182 @@
+"""Paged attention through FlashInfer 0.6.3 (CUDA fast path).
+
+One 128 MiB float workspace is shared by two wrappers; a batch uses exactly one of them for all layers:
+  * decode batches (every request has one new token, no mask) -> BatchDecodeWithPagedKVCacheWrapper
+  * everything else (prefill, mixed, custom masks)           -> BatchPrefillWithPagedKVCacheWrapper
+
+Both use the NHD layout, which is pie's cache layout: kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
+FlashInfer's causal mode aligns the query block to the end of the KV (query i of a request with qo_len n and
+kv_len L sees slots <= L - n + i), which is exactly pie's "new tokens occupy the last n slots" rule. A custom
+mask is pie's flat bool layout unchanged: per request a row-major [qo_len, kv_len] block, concatenated.
+Positions never reach FlashInfer (pos_encoding_mode "NONE"): the model applies RoPE before attention.
+
+Why the FA2 kernels everywhere (backend="fa2"), although 0.6.3 would pick FA3 on Hopper: FA3 has no custom
+masks, and a wrapper fixes its backend at its first plan, so an "auto" prefill wrapper that first saw a causal
+batch would later run masked batches on FA3. One FA2 module per (dtype, head_dim) serves causal, masked and
+tensor-core decode alike, which also keeps JIT compile time (~100 s per prefill module) to one module.
+
+Host work and syncs: plan() wants CPU indptr arrays, and pie already has them (AttentionMetadata's numpy
+copies), so plan costs no device->host sync. The exception is a batch with a custom mask: 0.6.3 packs the
+bool mask on the device with an indptr derived from the indptr tensors it is given, so those must be device
+tensors there and plan syncs a few times (reading them back). Its `packed_custom_mask` path cannot be used
+instead: it pairs the packed bytes with a per-request offset counted in bits, not bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pie.attention.base import AttentionBackend, AttentionMetadata
+from pie.errors import DriverError
+
+WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-k partial results)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+KV_LAYOUT = "NHD"
+FA_BACKEND = "fa2"
+# The CUDA-core decode kernel is compiled for GQA group sizes 1, 2, 3, 4, 8 only; from 4 up the
+# tensor-core path (a prefill kernel with qo_len 1) is faster and handles any group size.
+TENSOR_CORE_MIN_GROUP = 4
+
+
+def unsupported_reason(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why FlashInfer cannot run this attention shape (None when it can). Pure; no CUDA needed."""
+    if dtype not in SUPPORTED_DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        return f"FlashInfer attention needs bfloat16 or float16 activations, not {name}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"FlashInfer attention supports head_dim {', '.join(map(str, SUPPORTED_HEAD_DIMS))}, not {head_dim}"
+    if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+        return f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+    return None
+
+
+def decode_uses_tensor_cores(num_qo_heads: int, num_kv_heads: int) -> bool:
+    return num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
+
+
+def _host_i32(a: np.ndarray) -> torch.Tensor:
+    """A CPU int32 tensor sharing memory with `a` when it already is contiguous int32 (no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+
+
+def decode_plan_args(backend: AttentionBackend, meta: AttentionMetadata) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of BatchDecodeWithPagedKVCacheWrapper.plan (0.6.3) for a decode batch.
+
+    indptr and last_page_len are CPU tensors (plan reads them on the host and copies them up itself);
+    indices are meta's device tensor (plan only moves them to the device, a no-op then).
+    """
+    args = (
+        _host_i32(meta.kv_page_indptr_host),  # indptr [R+1]
+        meta.kv_page_indices,  # indices [P], device
+        _host_i32(meta.kv_last_page_len_host),  # last_page_len [R]
+        backend.num_qo_heads,
+        backend.num_kv_heads,
+        backend.head_dim,
+        backend.page_size,
+    )
+    kwargs = dict(
+        pos_encoding_mode="NONE",
+        q_data_type=backend.dtype,
+        kv_data_type=backend.dtype,
+        sm_scale=backend.sm_scale,
+    )
+    return args, kwargs
+
+
+def prefill_plan_args(backend: AttentionBackend, meta: AttentionMetadata) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of BatchPrefillWithPagedKVCacheWrapper.plan (0.6.3): causal, or pie's custom mask.
+
+    Without a mask the indptrs are CPU tensors (no sync). With a mask they are meta's device tensors,
+    because FlashInfer packs the bool mask on the device with segment offsets computed from them
+    (sum of qo_len * kv_len per request, which is exactly meta.mask_indptr).
+    """
+    if meta.mask is None:
+        qo_indptr = _host_i32(meta.qo_indptr_host)
+        kv_indptr = _host_i32(meta.kv_page_indptr_host)
+        last_page_len = _host_i32(meta.kv_last_page_len_host)
+    else:
+        qo_indptr, kv_indptr, last_page_len = meta.qo_indptr, meta.kv_page_indptr, meta.kv_last_page_len
+    args = (
+        qo_indptr,  # qo_indptr [R+1]
+        kv_indptr,  # paged_kv_indptr [R+1]
+        meta.kv_page_indices,  # paged_kv_indices [P], device
+        last_page_len,  # paged_kv_last_page_len [R]
+        backend.num_qo_heads,
+        backend.num_kv_heads,
+        backend.head_dim,  # head_dim_qk (head_dim_vo defaults to it)
+        backend.page_size,
+    )
+    kwargs = dict(
+        custom_mask=meta.mask,  # flat bool [sum(qo_len * kv_len)] or None; True = may attend
+        causal=meta.mask is None,  # ignored by FlashInfer when custom_mask is given
+        pos_encoding_mode="NONE",
+        sm_scale=backend.sm_scale,
+        q_data_type=backend.dtype,
+        kv_data_type=backend.dtype,
+    )
+    return args, kwargs
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sm_scale: float | None = None,
+    ) -> None:
+        super().__init__(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, sm_scale)
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise DriverError(
+                f"FlashInfer attention runs on CUDA only, not {self.device}; use attention_backend 'torch'"
+            )
+        reason = unsupported_reason(num_qo_heads, num_kv_heads, head_dim, dtype)
+        if reason:
+            raise DriverError(f'{reason}; set attention_backend = "torch" for this model')
+        try:
+            import flashinfer
+        except Exception as e:  # an ImportError, or a broken native extension
+            raise DriverError(
+                f"FlashInfer failed to import ({e}); install flashinfer-python==0.6.3 apache-tvm-ffi==0.1.15.post2 "
+                'einops, or set attention_backend = "torch"'
+            ) from None
+        # Zero-filled: the decode wrapper requires a zeroed float workspace on first use.
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.decode_tensor_cores = decode_uses_tensor_cores(num_qo_heads, num_kv_heads)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, KV_LAYOUT, use_tensor_cores=self.decode_tensor_cores, backend=FA_BACKEND
+        )
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, KV_LAYOUT, backend=FA_BACKEND
+        )
+        self._active = None  # the wrapper planned for the current batch
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        if meta.page_size != self.page_size:
+            raise ValueError(f"metadata page_size {meta.page_size} != backend page_size {self.page_size}")
+        if meta.is_decode:
+            args, kwargs = decode_plan_args(self, meta)
+            self._decode.plan(*args, **kwargs)
+            self._active = self._decode
+        else:
+            args, kwargs = prefill_plan_args(self, meta)
+            self._prefill.plan(*args, **kwargs)
+            self._active = self._prefill
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """q: [T, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] in self.dtype -> [T, Hq, D] in q's dtype."""
+        if self._active is None:
+            raise RuntimeError("FlashInferBackend.run called before plan")
+        # The kernels were planned for self.dtype; .contiguous() is a no-op for the model's fresh q.
+        out = self._active.run(q.to(self.dtype).contiguous(), kv_cache)
+        return out.to(q.dtype)

@@ -1,0 +1,151 @@
+"""Lower bounds ("floors") on step time, from the model's shape and the device's measured ceilings.
+
+Pure functions of an HF config dict (config.json as loaded; field names as in transformers), so they are
+unit tested on CPU with exact figures. The parameter count covers the dense decoder families pie runs
+(llama, qwen2, qwen3, mistral): per layer q/k/v/o projections (+ biases), qk-norm scales (qwen3), a gated
+MLP (gate, up, down), two RMSNorms; plus the embedding, a final norm and the LM head (absent when tied).
+
+Decode is memory bound: one step reads every weight once, where the LM head reads the full embedding
+matrix when tied (counted once), while the embedding lookup itself reads only the batch's rows (ignored),
+plus the K and V of every sequence. Prefill is compute bound: 2 flops per weight per token for the
+projections and MLP, the LM head only for the rows whose logits are computed, plus causal attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int  # vocab * hidden
+    lm_head: int  # vocab * hidden, 0 when tied to the embedding
+    attention_per_layer: int  # q, k, v, o (+ biases, + qk-norm scales)
+    mlp_per_layer: int  # gate, up, down
+    norms_per_layer: int  # input and post-attention RMSNorm
+    final_norm: int
+    num_layers: int
+
+    @property
+    def per_layer(self) -> int:
+        return self.attention_per_layer + self.mlp_per_layer + self.norms_per_layer
+
+    @property
+    def total(self) -> int:
+        """Distinct parameters (a tied LM head is the embedding, counted once)."""
+        return self.embedding + self.lm_head + self.num_layers * self.per_layer + self.final_norm
+
+    @property
+    def read_per_decode_step(self) -> int:
+        """Parameters one decode step reads: all layers, the final norm, and the LM head matrix once."""
+        return self.num_layers * self.per_layer + self.final_norm + self.lm_head_matrix
+
+    @property
+    def lm_head_matrix(self) -> int:
+        """Size of the matrix the LM head multiplies by (the embedding when tied)."""
+        return self.lm_head or self.embedding
+
+    @property
+    def matmul_per_token(self) -> int:
+        """Weights every token multiplies through in the decoder layers (no norms, no LM head)."""
+        return self.num_layers * (self.attention_per_layer + self.mlp_per_layer)
+
+
+def _head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def _num_kv_heads(cfg: dict) -> int:
+    return int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+
+
+def param_counts(cfg: dict) -> ParamCounts:
+    """Parameter counts of a dense decoder from its HF config dict."""
+    hidden, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    heads, kv_heads, hd = int(cfg["num_attention_heads"]), _num_kv_heads(cfg), _head_dim(cfg)
+    model_type = cfg.get("model_type", "")
+    q_out, kv_out = heads * hd, kv_heads * hd
+    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    # qwen2 always has q/k/v biases (no flag in its config); others follow `attention_bias` (also on o).
+    if model_type == "qwen2":
+        attn += q_out + 2 * kv_out
+    elif cfg.get("attention_bias"):
+        attn += q_out + 2 * kv_out + hidden
+    if model_type == "qwen3":
+        attn += 2 * hd  # q_norm and k_norm scales, shared across heads
+    inter = int(cfg["intermediate_size"])
+    mlp = 3 * hidden * inter + (2 * inter + hidden if cfg.get("mlp_bias") else 0)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    return ParamCounts(
+        embedding=vocab * hidden,
+        lm_head=0 if tied else vocab * hidden,
+        attention_per_layer=attn,
+        mlp_per_layer=mlp,
+        norms_per_layer=2 * hidden,
+        final_norm=hidden,
+        num_layers=int(cfg["num_hidden_layers"]),
+    )
+
+
+def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V of one token across all layers."""
+    return 2 * int(cfg["num_hidden_layers"]) * _num_kv_heads(cfg) * _head_dim(cfg) * dtype_bytes
+
+
+def decode_weight_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
+    """Weight bytes one decode step reads (the LM head / tied embedding once)."""
+    return param_counts(cfg).read_per_decode_step * dtype_bytes
+
+
+def decode_step_bytes(cfg: dict, batch: int, mean_kv_len: float, dtype_bytes: int = 2) -> float:
+    """Bytes one decode step of `batch` sequences must read: weights once + every sequence's KV."""
+    return decode_weight_bytes(cfg, dtype_bytes) + batch * mean_kv_len * kv_bytes_per_token(cfg, dtype_bytes)
+
+
+def decode_floor_s(
+    cfg: dict, batch: int, mean_kv_len: float, bandwidth_bps: float, dtype_bytes: int = 2
+) -> float:
+    """Shortest possible decode step (seconds) at the measured memory bandwidth (bytes/s)."""
+    return decode_step_bytes(cfg, batch, mean_kv_len, dtype_bytes) / bandwidth_bps
+
+
+def attention_flops(cfg: dict, qo_lens: list[int], kv_lens: list[int]) -> float:
+    """Causal attention flops (QK^T and PV, 2 flops per multiply-add) over all layers.
+
+    A request with n new tokens over kv_len slots scores sum_i (kv_len - n + i + 1) pairs, i < n.
+    """
+    heads, hd, layers = int(cfg["num_attention_heads"]), _head_dim(cfg), int(cfg["num_hidden_layers"])
+    pairs = sum(n * (kv - n) + n * (n + 1) / 2 for n, kv in zip(qo_lens, kv_lens, strict=True))
+    return 4.0 * layers * heads * hd * pairs
+
+
+def prefill_flops(cfg: dict, qo_lens: list[int], kv_lens: list[int], num_outputs: int) -> float:
+    """Flops of one prefill pass: projections and MLP for every token, the LM head for output rows only."""
+    pc = param_counts(cfg)
+    tokens = sum(qo_lens)
+    return (
+        2.0 * pc.matmul_per_token * tokens
+        + 2.0 * pc.lm_head_matrix * num_outputs
+        + attention_flops(cfg, qo_lens, kv_lens)
+    )
+
+
+def prefill_bytes(cfg: dict, qo_lens: list[int], kv_lens: list[int], dtype_bytes: int = 2) -> float:
+    """Bytes a prefill pass must move at least: weights once, KV written for new tokens, KV read once."""
+    kvb = kv_bytes_per_token(cfg, dtype_bytes)
+    return decode_weight_bytes(cfg, dtype_bytes) + kvb * (sum(qo_lens) + sum(kv_lens))
+
+
+def prefill_floor_s(
+    cfg: dict,
+    qo_lens: list[int],
+    kv_lens: list[int],
+    num_outputs: int,
+    matmul_flops_per_s: float,
+    bandwidth_bps: float,
+    dtype_bytes: int = 2,
+) -> float:
+    """Shortest possible prefill pass: the larger of its compute time and its memory time."""
+    compute = prefill_flops(cfg, qo_lens, kv_lens, num_outputs) / matmul_flops_per_s
+    memory = prefill_bytes(cfg, qo_lens, kv_lens, dtype_bytes) / bandwidth_bps
+    return max(compute, memory)

@@ -1,0 +1,437 @@
+"""The CUDA fast path: FlashInfer attention against an fp32 reference, the executor on CUDA (bf16, FlashInfer)
+against transformers (fp32) on tiny checkpoints, sampling on CUDA against CPU, and the cuda_native driver.
+
+GPU tests are marked `gpu` and skipped without CUDA; without FlashInfer they skip too, unless
+PIE_REQUIRE_FLASHINFER=1 (scripts/gpu_check.sh sets it), where they fail. The tests at the end check
+cuda_native's refusals and time limits on CPU.
+
+Tolerances (bf16): attention outputs are averages of N(0, 1) values; bf16 rounding of q, K, V, the
+probabilities and the output gives errors ~1e-2 at most, so max |err| <= 3e-2 and mean |err| <= 3e-3.
+Model logits (tiny models with hidden 256, head_dim 64, init std 0.075, logits std ~1.2): transformers' own
+bf16 forward reaches cosine >= 0.9995 per row and max |err| ~0.13 against fp32 on these, so we require
+cosine >= 0.998 per row and the same argmax wherever the fp32 top-2 margin exceeds 0.3. A wrong slot, page,
+mask or causal alignment breaks whole rows far beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pie.attention.base import AttentionMetadata
+from pie.drivers.protocol import make_batch
+from pie.drivers.spec import ExecutorSpec
+from pie.errors import DriverError
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import flashinfer  # noqa: F401
+
+    HAS_FLASHINFER = True
+except Exception:
+    HAS_FLASHINFER = False
+MUST_FLASHINFER = os.environ.get("PIE_REQUIRE_FLASHINFER") == "1"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+needs_flashinfer = pytest.mark.skipif(
+    not HAS_CUDA or not (HAS_FLASHINFER or MUST_FLASHINFER), reason="needs CUDA and FlashInfer"
+)
+DEV = torch.device("cuda:0") if HAS_CUDA else None
+# FlashInfer needs head_dim 64/128/256; init std halved from tiny_models' 0.15 for the 4x wider hidden size
+TINY = dict(
+    hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.075
+)
+
+
+# ---- attention: FlashInfer vs an fp32 reference --------------------------------------------------------
+
+
+KINDS = ["decode", "mixed", "masked", "masked_decode"]
+
+
+def random_batch(kind: str, page_size: int, num_pages: int, rng):
+    """A batch of 5 requests over a shuffled page pool. kind: decode | mixed | masked | masked_decode."""
+    free = list(rng.permutation(num_pages))
+    reqs = []
+    for r in range(5):
+        n = (
+            1
+            if kind in ("decode", "masked_decode") or (kind == "mixed" and r % 2)
+            else int(rng.integers(2, 40))
+        )
+        kv = n + int(rng.integers(0, 70))
+        pages = [int(free.pop()) for _ in range(-(-kv // page_size))]
+        req = dict(
+            token_ids=[0] * n,
+            positions=list(range(kv - n, kv)),
+            pages=pages,
+            last_page_len=kv - (len(pages) - 1) * page_size,
+        )
+        if kind.startswith("masked"):
+            m = rng.random((n, kv)) < 0.6
+            m[np.arange(n), kv - n + np.arange(n)] = True  # every row attends somewhere
+            req["mask"] = m
+        reqs.append(req)
+    return make_batch(reqs, page_size)
+
+
+def reference_attention(q, kv_cache, batch, page_size, sm_scale):
+    """fp32 dense attention per request (slow, obvious): q [T, Hq, D] -> [T, Hq, D]."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    kv_lens, Hq, Hkv = batch.kv_lens(page_size), q.shape[1], kv_cache.shape[3]
+    for r in range(batch.num_requests):
+        t0, t1 = int(batch.qo_indptr[r]), int(batch.qo_indptr[r + 1])
+        n, L = t1 - t0, int(kv_lens[r])
+        pages = torch.as_tensor(
+            batch.kv_page_indices[batch.kv_page_indptr[r] : batch.kv_page_indptr[r + 1]], device=q.device
+        )
+        kv = kv_cache[pages].float()  # [p, 2, ps, Hkv, D]
+        k = kv[:, 0].reshape(-1, Hkv, kv.shape[-1])[:L].repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
+        v = kv[:, 1].reshape(-1, Hkv, kv.shape[-1])[:L].repeat_interleave(Hq // Hkv, dim=1)
+        if batch.mask is not None:
+            allow = torch.as_tensor(
+                batch.mask[batch.mask_indptr[r] : batch.mask_indptr[r + 1]], device=q.device
+            ).view(n, L)
+        else:
+            i, j = torch.meshgrid(
+                torch.arange(n, device=q.device), torch.arange(L, device=q.device), indexing="ij"
+            )
+            allow = j <= i + L - n
+        s = torch.einsum("nhd,lhd->hnl", q[t0:t1].float(), k) * sm_scale
+        p = torch.softmax(s.masked_fill(~allow, float("-inf")), dim=-1)
+        out[t0:t1] = torch.einsum("hnl,lhd->nhd", p, v)
+    return out
+
+
+def assert_attention_close(got, ref, what=""):
+    err = (got.float() - ref).abs()
+    assert float(err.max()) <= 3e-2 and float(err.mean()) <= 3e-3, (
+        f"{what}: max {err.max():.3g}, mean {err.mean():.3g}"
+    )
+
+
+def _fi_backend(hq, hkv, d, ps):
+    from pie.attention import create_backend
+
+    return create_backend(
+        "flashinfer",
+        num_qo_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        page_size=ps,
+        dtype=torch.bfloat16,
+        device=DEV,
+    )
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("heads", [(4, 2, 64), (8, 2, 64), (16, 8, 128)], ids=["g2d64", "g4d64-tc", "g2d128"])
+@pytest.mark.parametrize("page_size", [1, 16, 32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_flashinfer_matches_fp32_reference_and_torch_backend(kind, page_size, heads):
+    from pie.attention.torch_backend import TorchBackend
+
+    hq, hkv, d = heads
+    rng = np.random.default_rng(KINDS.index(kind) * 1000 + page_size * 10 + d)
+    num_pages = 600 // page_size + 40  # >= 5 requests x 109 slots
+    batch = random_batch(kind, page_size, num_pages, rng)
+    meta = AttentionMetadata.from_batch(batch, page_size, DEV)
+    assert meta.is_decode == (kind == "decode")
+    fi, tb = _fi_backend(hq, hkv, d, page_size), TorchBackend(hq, hkv, d, page_size, torch.bfloat16, DEV)
+    fi.plan(meta)
+    tb.plan(meta)
+    for layer in range(2):  # one plan, several layers
+        q = torch.randn(batch.num_tokens, hq, d, device=DEV, dtype=torch.bfloat16)
+        kv_cache = torch.randn(num_pages, 2, page_size, hkv, d, device=DEV, dtype=torch.bfloat16)
+        got = fi.run(q, kv_cache, layer)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        ref = reference_attention(q, kv_cache, batch, page_size, d**-0.5)
+        assert_attention_close(got, ref, f"flashinfer {kind} layer {layer}")
+        assert_attention_close(tb.run(q, kv_cache, layer), ref, f"torch {kind} layer {layer}")
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+def test_one_backend_serves_a_sequence_of_batch_kinds():
+    fi, rng, ps = _fi_backend(8, 2, 64, 16), np.random.default_rng(1), 16
+    kv_cache = torch.randn(80, 2, ps, 2, 64, device=DEV, dtype=torch.bfloat16)
+    for kind in ["mixed", "decode", "masked", "decode", "masked_decode", "mixed"]:
+        batch = random_batch(kind, ps, 80, rng)
+        fi.plan(AttentionMetadata.from_batch(batch, ps, DEV))
+        q = torch.randn(batch.num_tokens, 8, 64, device=DEV, dtype=torch.bfloat16)
+        assert_attention_close(
+            fi.run(q, kv_cache, 0), reference_attention(q, kv_cache, batch, ps, 64**-0.5), kind
+        )
+
+
+# ---- the executor on CUDA (bf16, FlashInfer) vs transformers (fp32) -----------------------------------
+
+
+class Seqs:
+    """Test-side paging: a shuffled free list; request() appends tokens to a sequence, all rows output logits."""
+
+    def __init__(self, num_pages: int, page_size: int, seed: int) -> None:
+        self.ps, self.free = page_size, [int(p) for p in np.random.default_rng(seed).permutation(num_pages)]
+        self.pages: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+
+    def request(self, sid: int, ids, positions=None, mask=None) -> dict:
+        old = self.lens.get(sid, 0)
+        new = old + len(ids)
+        pages = self.pages.setdefault(sid, [])
+        while len(pages) * self.ps < new:
+            pages.append(self.free.pop())
+        self.lens[sid] = new
+        req = dict(token_ids=list(map(int, ids)), positions=list(range(old, new)) if positions is None else positions,
+                   pages=list(pages), last_page_len=new - (len(pages) - 1) * self.ps, outputs=list(range(len(ids))),
+                   return_logits=True)  # fmt: skip
+        if mask is not None:
+            req["mask"] = mask
+        return req
+
+
+_HF: dict[str, torch.nn.Module] = {}
+
+
+def hf_logits(path, ids) -> np.ndarray:
+    if str(path) not in _HF:
+        _HF[str(path)] = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32
+        ).eval()
+    with torch.no_grad():
+        return _HF[str(path)](torch.tensor([list(ids)])).logits[0].numpy()
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> None:
+    assert got.shape == ref.shape, what
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.998, f"{what}: min cosine {cos.min():.5f}"
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.3
+    assert np.array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{what}: top-1 differs"
+
+
+@pytest.fixture(scope="module")
+def tiny_fi(tmp_path_factory):
+    """tiny_fi(arch, **overrides): a tiny checkpoint with FlashInfer-sized heads (head_dim 64), cached."""
+    from tiny_models import make_tiny_checkpoint
+
+    cache: dict = {}
+
+    def make(arch: str, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, **{**TINY, **overrides})
+        return cache[key]
+
+    return make
+
+
+def cuda_executor(path, page_size: int, backend: str = "flashinfer", num_pages: int = 256):
+    from pie.drivers.executor import ModelExecutor
+
+    spec = ExecutorSpec(model_path=str(path), device="cuda:0", activation_dtype="bfloat16", page_size=page_size,
+                        num_pages=num_pages, attention_backend=backend)  # fmt: skip
+    ex = ModelExecutor(spec)
+    assert ex.capabilities.extra["attention_backend"] == backend
+    return ex
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("arch,overrides", [("qwen3", {}), ("qwen2", {}), ("llama", {}), ("llama", {"num_attention_heads": 8})],
+                         ids=["qwen3", "qwen2", "llama", "llama-g4"])  # fmt: skip
+def test_prefill_then_paged_decode_matches_hf(tiny_fi, arch, overrides, page_size):
+    path = tiny_fi(arch, **overrides)
+    ex = cuda_executor(path, page_size)
+    seqs, rng = Seqs(ex.num_pages, page_size, seed=page_size), np.random.default_rng(7)
+    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (5, 17, 33)]
+    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
+    res = ex.execute(batch)
+    got = [[rows] for rows in np.split(res.logits, batch.qo_indptr[1:-1])]
+    tokens = [list(p) for p in prompts]
+    last = [int(t[-1]) for t in np.split(res.tokens, batch.qo_indptr[1:-1])]
+    for _ in range(6):  # greedy decode, all three sequences in one batch (pure decode: the decode wrapper)
+        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(last)], page_size)
+        res = ex.execute(batch)
+        for i, t in enumerate(last):
+            tokens[i].append(t)
+            got[i].append(res.logits[i : i + 1])
+        last = [int(t) for t in res.tokens]
+    for i in range(3):
+        assert_logits_close(np.concatenate(got[i]), hf_logits(path, tokens[i]), f"{arch} seq {i}")
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+def test_mixed_batch_and_custom_mask_match_hf(tiny_fi):
+    path, ps = tiny_fi("qwen3"), 16
+    ex = cuda_executor(path, ps)
+    seqs, rng = Seqs(ex.num_pages, ps, seed=3), np.random.default_rng(11)
+    V = ex.model_config.vocab_size
+    a, b, c = (rng.integers(0, V, n).tolist() for n in (9, 26, 40))
+    ex.execute(make_batch([seqs.request(0, a), seqs.request(1, b)], ps))
+    a2, b2 = [int(rng.integers(V))], [int(rng.integers(V))]
+    batch = make_batch(
+        [seqs.request(0, a2), seqs.request(2, c), seqs.request(1, b2)], ps
+    )  # decode, prefill, decode
+    rows = np.split(ex.execute(batch).logits, batch.qo_indptr[1:-1])
+    assert_logits_close(rows[0], hf_logits(path, a + a2)[-1:], "decode 0")
+    assert_logits_close(rows[1], hf_logits(path, c), "prefill 2")
+    assert_logits_close(rows[2], hf_logits(path, b + b2)[-1:], "decode 1")
+    # a custom mask hiding slot 4 (later positions shifted down) equals HF on the sequence without it
+    ids, hidden = rng.integers(0, V, 30).tolist(), 4
+    mask = np.tril(np.ones((30, 30), dtype=bool))
+    mask[hidden + 1 :, hidden] = False
+    positions = [i if i <= hidden else i - 1 for i in range(30)]
+    got = ex.execute(
+        make_batch([seqs.request(3, ids, positions=positions, mask=mask), seqs.request(0, [5])], ps)
+    )
+    keep = [i for i in range(30) if i != hidden]
+    without = ids[:hidden] + ids[hidden + 1 :]
+    assert_logits_close(got.logits[:30][keep], hf_logits(path, without), "masked prefill")
+    assert_logits_close(got.logits[30:], hf_logits(path, a + a2 + [5])[-1:], "decode beside a mask")
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+def test_flashinfer_executor_equals_torch_backend_executor(tiny_fi):
+    path, ps = tiny_fi("llama"), 16
+    outs = []
+    for backend in ("flashinfer", "torch"):
+        ex = cuda_executor(path, ps, backend)
+        seqs = Seqs(ex.num_pages, ps, seed=5)
+        prompt = np.random.default_rng(2).integers(0, ex.model_config.vocab_size, 50).tolist()
+        first = ex.execute(make_batch([seqs.request(0, prompt[:20])], ps)).logits
+        second = ex.execute(make_batch([seqs.request(0, prompt[20:])], ps)).logits  # chunked prefill
+        outs.append(np.concatenate([first, second]))
+    assert_logits_close(outs[0], outs[1], "flashinfer vs torch backend")
+
+
+# ---- sampling on CUDA vs CPU ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_seeded_sampling_on_cuda_matches_cpu():
+    from pie.drivers.sampling import SamplingParams, sample
+
+    n_out, V = 64, 5000
+    rng = np.random.default_rng(0)
+    fields = dict(
+        temperature=[0.0 if i % 8 == 0 else float(t) for i, t in enumerate(rng.uniform(0.5, 1.5, n_out))],
+        top_k=[[0, 40, 400][i % 3] for i in range(n_out)],
+        top_p=[[1.0, 0.9, 0.6][i % 3 - 1] for i in range(n_out)],
+        min_p=[[0.0, 0.02][i % 2] for i in range(n_out)],
+        seed=list(range(1000, 1000 + n_out)),
+    )
+    batch = make_batch([dict(token_ids=[0] * n_out, positions=list(range(n_out)), pages=[0], last_page_len=n_out,
+                             outputs=list(range(n_out)), **fields)], page_size=n_out)  # fmt: skip
+    logits = torch.randn(n_out, V, generator=torch.Generator().manual_seed(3)) * 3
+    cpu = sample(logits, SamplingParams.from_batch(batch, "cpu"), True)
+    gpu = sample(logits.to(DEV), SamplingParams.from_batch(batch, DEV), True)
+    assert torch.equal(gpu.tokens.cpu(), cpu.tokens)
+    assert torch.allclose(gpu.logprobs.cpu(), cpu.logprobs, atol=1e-4)
+    assert torch.allclose(gpu.entropies.cpu(), cpu.entropies, atol=1e-4)
+
+
+# ---- the cuda_native driver ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+def test_cuda_native_driver_runs_flashinfer_and_matches_the_executor(tiny_fi):
+    from pie.drivers.cuda_native import CudaNativeDriver
+
+    path, ps = tiny_fi("qwen3"), 32
+    spec = ExecutorSpec(model_path=str(path), device="cuda:0", activation_dtype="bfloat16", page_size=ps,
+                        num_pages=64, kv_policy="cuda_native")  # fmt: skip
+    batch = make_batch([Seqs(64, ps, 0).request(0, list(range(3, 40)))], ps)
+
+    async def go():
+        drv = CudaNativeDriver(spec, ready_timeout_s=300, shutdown_timeout_s=30)
+        caps = await drv.start()
+        res = await drv.forward(batch)
+        await drv.shutdown()
+        return caps, res
+
+    caps, res = asyncio.run(go())
+    assert caps.extra["attention_backend"] == "flashinfer" and caps.page_size == ps
+    direct = cuda_executor(path, ps, num_pages=64).execute(batch)
+    assert np.array_equal(res.tokens, direct.tokens)
+    assert np.allclose(res.logits, direct.logits, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_native_auto_falls_back_to_torch_for_float32(tiny_fi):
+    from pie.drivers.cuda_native import resolve_attention_backend
+
+    spec = ExecutorSpec(model_path=str(tiny_fi("llama")), device="cuda:0", activation_dtype="float32")
+    assert resolve_attention_backend(spec) == "torch"
+
+
+# ---- cuda_native on CPU: refusals and time limits ------------------------------------------------
+
+
+def test_cuda_native_refuses_a_cpu_device():
+    from pie.drivers.cuda_native import CudaNativeDriver
+
+    with pytest.raises(DriverError, match="dev driver"):
+        CudaNativeDriver(ExecutorSpec(model_path="/nonexistent", device="cpu"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA message")
+def test_cuda_native_without_cuda_says_so():
+    from pie.drivers.cuda_native import CudaNativeDriver
+
+    with pytest.raises(DriverError, match="sees no CUDA device"):
+        CudaNativeDriver(ExecutorSpec(model_path="/nonexistent", device="cuda:0"))
+
+
+def test_explicit_backend_is_kept_and_auto_needs_flashinfer(monkeypatch, caplog):
+    import pie.attention
+    from pie.drivers import cuda_native
+
+    assert (
+        cuda_native.resolve_attention_backend(ExecutorSpec(model_path="/x", attention_backend="torch"))
+        == "torch"
+    )
+    monkeypatch.setattr(pie.attention, "flashinfer_available", lambda: False)
+    monkeypatch.setattr(cuda_native, "_warned", set())
+    with caplog.at_level("WARNING"):
+        assert cuda_native.resolve_attention_backend(ExecutorSpec(model_path="/x")) == "torch"
+        assert cuda_native.resolve_attention_backend(ExecutorSpec(model_path="/x")) == "torch"
+    assert sum("FlashInfer is not installed" in r.message for r in caplog.records) == 1  # warned once
+
+
+def _cpu_driver(monkeypatch, **timeouts):
+    """A CudaNativeDriver on CPU (device check bypassed) whose executor build and release are stubbed."""
+    from pie.drivers import cuda_native
+
+    monkeypatch.setattr(cuda_native, "check_cuda", lambda device: None)
+    return cuda_native.CudaNativeDriver(ExecutorSpec(model_path="/x", attention_backend="torch"), **timeouts)
+
+
+def test_start_timeout_is_a_driver_error(monkeypatch):
+    drv = _cpu_driver(monkeypatch, ready_timeout_s=0.2)
+    monkeypatch.setattr(drv, "_build", lambda: time.sleep(1.5))
+    t0 = time.perf_counter()
+    with pytest.raises(DriverError, match="not ready within 0.2 s"):
+        asyncio.run(drv.start())
+    assert time.perf_counter() - t0 < 1.4
+
+
+def test_shutdown_gives_up_after_its_timeout(monkeypatch):
+    drv = _cpu_driver(monkeypatch, shutdown_timeout_s=0.2)
+    monkeypatch.setattr(drv, "_release", lambda: time.sleep(1.5))
+    t0 = time.perf_counter()
+    asyncio.run(drv.shutdown())
+    assert time.perf_counter() - t0 < 1.4
