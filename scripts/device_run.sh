@@ -14,9 +14,9 @@ if compgen -G ".jitcache/jit.tar.gz.part*" >/dev/null; then
   mkdir -p ~/.cache && cat .jitcache/jit.tar.gz.part* | tar -xz -C ~/.cache && echo "restored FlashInfer JIT cache"
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
-  mkdir -p "$WORK/model"
-  cp src/pie/assets/default-model/{tokenizer.json,tokenizer_config.json,chat_template.jinja,special_tokens_map.json} "$WORK/model/" 2>/dev/null
-  python scripts/train_default_model.py --minutes "${TRAIN_MINUTES:-3}" --out "$WORK/model" >"$WORK/train.log" 2>&1 &
+  # trains into the machine's copy of the tree, so the `pie run` smoke steps use the new model
+  python scripts/train_default_model.py --minutes "${TRAIN_MINUTES:-3}" ${TRAIN_ARGS:-} \
+    --out src/pie/assets/default-model >"$WORK/train.log" 2>&1 &
   export PIE_WAIT_PID=$!
 fi
 OUT="$WORK/check" PIE_GPU_BUDGET_S="${PIE_GPU_BUDGET_S:-480}" bash scripts/gpu_check.sh ${GPU_CHECK_ARGS:-}
@@ -24,7 +24,10 @@ rc=$?
 if [ "${TRAIN:-0}" = 1 ]; then
   wait
   tail -40 "$WORK/train.log"
-  for f in model.safetensors config.json generation_config.json; do cp "$WORK/model/$f" "$OUT/" 2>/dev/null; done
+  M=src/pie/assets/default-model
+  cp $M/config.json $M/generation_config.json "$OUT/"
+  split -b 15m -d $M/model.safetensors "$OUT/model.safetensors.part"  # files come back at most 16 MB each
+  (cd $M && sha256sum model.safetensors) >"$WORK/check/model.sha256"
   cp "$WORK/train.log" "$WORK/check/"
 fi
 tar -czf "$OUT/results.tar.gz" -C "$WORK" check

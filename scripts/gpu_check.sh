@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 BUDGET="${PIE_GPU_BUDGET_S:-530}"
 START=$SECONDS
 export PIE_HOME="$(mktemp -d)" HF_HUB_OFFLINE=1 PIE_REQUIRE_FLASHINFER=1 PYTHONUNBUFFERED=1
+export PIE_PARITY_LOG="$OUT/parity.tsv"
 FAILED=()
 
 # run NAME LIMIT_S COMMAND...: under `timeout`, output teed into $OUT/NAME.log, rc recorded
@@ -99,6 +100,15 @@ if [ -n "${PIE_WAIT_PID:-}" ]; then
 fi
 
 # ---- tests and benchmarks ----------------------------------------------------------------------------
+# `pie run` end to end on the GPU with the embedded model: cuda_native in-process, then dev as a subprocess
+if [ -f src/pie/assets/default-model/model.safetensors ]; then
+  for drv in cuda_native dev; do
+    printf '[[model]]\nname = "default"\nhf_repo = "pie/embedded-default"\n[model.driver]\ntype = "%s"\ndevice = ["cuda:0"]\nactivation_dtype = "bfloat16"\n' \
+      "$drv" > "$PIE_HOME/$drv.toml"
+    run "pie-run-$drv" 120 python -m pie run -c "$PIE_HOME/$drv.toml" text-completion -- \
+      --prompt "What does str.split do?" --max-tokens 48 --temperature 0
+  done
+fi
 run gpu-tests 200 python -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
 for model in qwen3-0.6b llama-3.2-1b; do
   run "bench-$model" 120 bash -c "python -m pie bench --model-config $model --random-weights --json \

@@ -8,8 +8,8 @@ cuda_native's refusals and time limits on CPU.
 Tolerances (bf16): attention outputs are averages of N(0, 1) values; bf16 rounding of q, K, V, the
 probabilities and the output gives errors ~1e-2 at most, so max |err| <= 3e-2 and mean |err| <= 3e-3.
 Model logits (tiny models with hidden 256, head_dim 64, init std 0.075, logits std ~1.2): transformers' own
-bf16 forward reaches cosine >= 0.9995 per row and max |err| ~0.13 against fp32 on these, so we require
-cosine >= 0.998 per row and the same argmax wherever the fp32 top-2 margin exceeds 0.3. A wrong slot, page,
+bf16 forward reaches cosine >= 0.9995 per row and max |err| ~0.13 against fp32 on these; we require the
+project's bar, cosine >= 0.999 per row, and the same argmax wherever the fp32 top-2 margin exceeds 0.3. A wrong slot, page,
 mask or causal alignment breaks whole rows far beyond that.
 """
 
@@ -211,7 +211,10 @@ def hf_logits(path, ids) -> np.ndarray:
 def assert_logits_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> None:
     assert got.shape == ref.shape, what
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
-    assert cos.min() >= 0.998, f"{what}: min cosine {cos.min():.5f}"
+    if os.environ.get("PIE_PARITY_LOG"):  # scripts/gpu_check.sh collects the figures for the notes
+        with open(os.environ["PIE_PARITY_LOG"], "a") as f:
+            f.write(f"{what}\tmin_cos={cos.min():.6f}\tmax_abs_err={np.abs(got - ref).max():.4f}\n")
+    assert cos.min() >= 0.999, f"{what}: min cosine {cos.min():.5f}"
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.3
     assert np.array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{what}: top-1 differs"
