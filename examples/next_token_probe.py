@@ -1,6 +1,6 @@
 """Read the model's next-token distribution after a raw prompt: one hand-built forward pass.
 
-    pie run examples/next_token_probe.py -- --prompt "The for statement" --k 5
+pie run examples/next_token_probe.py -- --prompt "The for statement" --k 5
 """
 
 from pie.sdk import Context, Model, Sampler

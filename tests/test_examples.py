@@ -20,6 +20,8 @@ def test_best_of_n_forks_and_is_reproducible(capsys):
 
 
 def test_next_token_probe_prints_a_distribution(capsys):
-    out = run(capsys, str(EXAMPLES / "next_token_probe.py"), "--", "--prompt", "The for statement", "--k", "4")
+    out = run(
+        capsys, str(EXAMPLES / "next_token_probe.py"), "--", "--prompt", "The for statement", "--k", "4"
+    )
     probs = [float(line.split()[0]) for line in out.strip().splitlines()]
     assert len(probs) == 4 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
