@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pie import kernels
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalized in fp32 then cast back (as HF does, so
@@ -24,7 +26,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: [..., dim]. With `residual`, returns (norm(x + residual), x + residual)."""
+        """x: [..., dim]. With `residual`, returns (norm(x + residual), x + residual).
+        On CUDA this is one fused Triton launch (pie.kernels.rms_norm) with the same rounding."""
+        if kernels.use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

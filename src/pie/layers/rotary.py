@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from pie import kernels
 from pie.models.config import RopeScaling
 
 
@@ -53,7 +54,10 @@ class RotaryEmbedding:
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64; q: [T, Hq, D]; k: [T, Hkv, D]. Returns rotated (q, k)."""
+        """positions: [T] int64; q: [T, Hq, D]; k: [T, Hkv, D]. Returns rotated (q, k), new tensors.
+        On CUDA: one Triton launch (pie.kernels.apply_rope) that gathers cos/sin itself."""
+        if kernels.use_triton(q):
+            return kernels.apply_rope(q, k, positions, self.cos_sin(q.device))
         cos, sin = self.cos_sin(q.device)[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
