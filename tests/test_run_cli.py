@@ -186,7 +186,7 @@ def test_factory_maps_config_options_to_the_executor_spec(tmp_path):
 
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text((embedded_model_dir() / "config.json").read_text())
     opts = CudaNativeOptions(kv_page_size=64, max_num_kv_pages=77, gpu_mem_utilization=0.5, max_batch_size=9)
     entry = ModelEntry("a", str(model), DriverConfig("cuda_native", ["cuda:1"], 1, "bfloat16", opts))
     spec = executor_spec(entry)
@@ -210,3 +210,16 @@ def test_factory_maps_config_options_to_the_executor_spec(tmp_path):
     tp = ModelEntry("c", str(model), DriverConfig("dev", ["cpu", "cpu"], 2, "float32", DevOptions()))
     with pytest.raises(ConfigError, match="tensor parallelism is not implemented"):
         executor_spec(tp)
+
+
+def test_unsupported_model_type_fails_before_a_driver_starts(tmp_path):
+    from pie.config import DevOptions, DriverConfig, ModelEntry
+    from pie.drivers.factory import create_driver
+    from pie.errors import ModelError
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64}')
+    entry = ModelEntry("m", str(tmp_path), DriverConfig("dev", ["cpu"], 1, "float32", DevOptions()))
+    with pytest.raises(
+        ModelError, match="'gpt2' is not supported; supported types: llama, mistral, qwen2, qwen3"
+    ):
+        create_driver(entry)

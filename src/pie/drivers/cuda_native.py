@@ -61,7 +61,8 @@ def flashinfer_unusable_reason(spec: ExecutorSpec) -> str | None:
             "apache-tvm-ffi==0.1.15.post2 einops)"
         )
     from pie.attention.flashinfer_backend import unsupported_reason
-    from pie.drivers.executor import read_model_config, resolve_dtypes
+    from pie.drivers.executor import resolve_dtypes
+    from pie.models.config import read_model_config
 
     try:
         act, _ = resolve_dtypes(spec.activation_dtype, spec.weight_dtype)

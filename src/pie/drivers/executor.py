@@ -10,9 +10,7 @@ logits of the O output rows (fp32) -> sampling -> one host copy at the end.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,10 +21,10 @@ from pie.drivers.kv_plan import free_memory_bytes, page_bytes, plan_num_pages
 from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
-from pie.errors import DriverError, ModelError
+from pie.errors import DriverError
 from pie.layers.attention import ForwardContext
 from pie.layers.norm import RMSNorm
-from pie.models.config import ModelConfig
+from pie.models.config import read_model_config
 from pie.models.registry import get_model_class
 from pie.models.weights import load_weights
 
@@ -81,16 +79,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cpu":
         raise DriverError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda:N'")
     return device
-
-
-def read_model_config(model_path: str | Path) -> ModelConfig:
-    path = Path(model_path) / "config.json"
-    try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ModelError(f"no config.json in {model_path}; is it a Hugging Face model directory?") from None
-    except ValueError as e:
-        raise ModelError(f"{path} is not valid JSON ({e})") from None
 
 
 def init_random_(model: torch.nn.Module, seed: int) -> None:

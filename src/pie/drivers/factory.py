@@ -13,6 +13,7 @@ from pie.errors import ConfigError
 
 
 def executor_spec(entry: ModelEntry) -> ExecutorSpec:
+    from pie.models.config import read_model_config
     from pie.models.hub import resolve_model_dir
 
     d, o = entry.driver, entry.driver.options
@@ -21,8 +22,11 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
             f"model {entry.name!r}: tensor parallelism is not implemented yet; "
             "set tensor_parallel_size = 1 and a single device"
         )
+    model_path = resolve_model_dir(entry.hf_repo)
+    # Fail here, before a driver process starts, on a checkpoint the executor would reject.
+    read_model_config(model_path)
     common = dict(
-        model_path=str(resolve_model_dir(entry.hf_repo)),
+        model_path=str(model_path),
         device=d.device[0],
         activation_dtype=d.activation_dtype,
         weight_dtype=o.weight_dtype,

@@ -7,7 +7,9 @@ here; model code never calls getattr(config, ..., default).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pie.errors import ModelError
 
@@ -55,6 +57,9 @@ class ModelConfig:
         model_type = d.get("model_type")
         if not isinstance(model_type, str) or not model_type:
             raise ModelError("config.json has no model_type; is this a Hugging Face causal LM checkpoint?")
+        from pie.models.registry import get_model_class
+
+        get_model_class(model_type)  # an unsupported type fails here, listing the supported ones
         if "text_config" in d and "hidden_size" not in d:
             raise ModelError(
                 f"model_type {model_type!r} is multimodal (text_config); only text LMs are supported"
@@ -152,3 +157,13 @@ def _check_sliding_window(d: dict, model_type: str, max_pos: int) -> None:
             f"max_position_embeddings={max_pos}), which pie does not implement; use a full-attention "
             "variant (e.g. Mistral v0.2+ has sliding_window null)"
         )
+
+
+def read_model_config(model_path: str | Path) -> ModelConfig:
+    path = Path(model_path) / "config.json"
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ModelError(f"no config.json in {model_path}; is it a Hugging Face model directory?") from None
+    except ValueError as e:
+        raise ModelError(f"{path} is not valid JSON ({e})") from None
