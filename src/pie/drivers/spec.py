@@ -23,6 +23,7 @@ class ExecutorSpec:
     max_batch_size: int = 512
     max_dist_size: int = 32
     attention_backend: str = "auto"  # auto (flashinfer on CUDA when it imports), flashinfer, torch
+    cuda_graphs: bool = False  # capture decode steps in CUDA graphs (cuda_native's fast path)
     random_weights: bool = False  # benchmarks: real config, random weights, no safetensors needed
     seed: int = 0
 
