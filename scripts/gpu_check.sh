@@ -109,7 +109,7 @@ if [ -f src/pie/assets/default-model/model.safetensors ]; then
       --prompt "What does str.split do?" --max-tokens 48 --temperature 0
   done
 fi
-run gpu-tests 200 python -m pytest tests/test_gpu.py tests/test_kernels.py -q -rs -p no:cacheprovider
+run gpu-tests 200 python -m pytest tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graphs.py -q -rs -p no:cacheprovider
 for model in qwen3-0.6b llama-3.2-1b; do
   run "bench-$model" 120 bash -c "python -m pie bench --model-config $model --random-weights --json \
     --profile '$OUT/profile-$model.txt' > '$OUT/bench-$model.json'"
@@ -119,9 +119,11 @@ run cpu-parity 150 python -m pytest tests/test_parity_hf.py tests/test_flashinfe
 run bench-llama-3.1-8b 120 bash -c "python -m pie bench --model-config llama-3.1-8b --random-weights --json \
   > '$OUT/bench-llama-3.1-8b.json'"
 
-# the same decode steps without the Triton kernels (eager PyTorch norms and RoPE), for comparison
-run bench-qwen3-0.6b-notriton 90 bash -c "PIE_DISABLE_TRITON=1 python -m pie bench --model-config qwen3-0.6b \
-  --random-weights --prefill none --json > '$OUT/bench-qwen3-0.6b-notriton.json'"
+# the same decode steps eagerly (no CUDA graphs), for comparison on the same machine
+for model in qwen3-0.6b llama-3.2-1b; do
+  run "bench-$model-eager" 90 bash -c "python -m pie bench --model-config $model --random-weights --no-cuda-graphs \
+    --prefill none --json > '$OUT/bench-$model-eager.json'"
+done
 
 echo "== total $((SECONDS - START))s; logs and JSON in $OUT" | tee -a "$OUT/summary.txt"
 if ((${#FAILED[@]})); then

@@ -20,6 +20,9 @@ copies), so plan costs no device->host sync. The exception is a batch with a cus
 bool mask on the device with an indptr derived from the indptr tensors it is given, so those must be device
 tensors there and plan syncs a few times (reading them back). Its `packed_custom_mask` path cannot be used
 instead: it pairs the packed bytes with a per-request offset counted in bits, not bytes.
+
+CUDA graphs (pie.drivers.cuda_graphs): FlashInferDecodeGraph is a decode wrapper in FlashInfer's graph mode
+for one fixed batch size; the eager wrappers above are untouched by it.
 """
 
 from __future__ import annotations
@@ -160,6 +163,21 @@ class FlashInferBackend(AttentionBackend):
             self._workspace, KV_LAYOUT, backend=FA_BACKEND
         )
         self._active = None  # the wrapper planned for the current batch
+        self._graph_workspace: torch.Tensor | None = None  # graph wrappers' own, when they need more
+
+    def graph_decode(self, batch_size: int, max_pages: int, workspace_bytes: int) -> FlashInferDecodeGraph:
+        """A graph-mode decode wrapper for exactly `batch_size` requests and at most `max_pages` pages.
+
+        workspace_bytes: the float workspace the largest graph of this backend needs (graph_workspace_bytes);
+        pass the same value on every call. Up to WORKSPACE_BYTES the eager wrappers' workspace is shared (one
+        stream runs one batch at a time); beyond it all graph wrappers share one larger zeroed buffer.
+        """
+        workspace = self._workspace
+        if workspace_bytes > workspace.numel():
+            if self._graph_workspace is None or self._graph_workspace.numel() < workspace_bytes:
+                self._graph_workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=self.device)
+            workspace = self._graph_workspace
+        return FlashInferDecodeGraph(self, batch_size, max_pages, workspace)
 
     def plan(self, meta: AttentionMetadata) -> None:
         if meta.page_size != self.page_size:
@@ -179,4 +197,123 @@ class FlashInferBackend(AttentionBackend):
             raise RuntimeError("FlashInferBackend.run called before plan")
         # The kernels were planned for self.dtype; .contiguous() is a no-op for the model's fresh q.
         out = self._active.run(q.to(self.dtype).contiguous(), kv_cache)
+        return out.to(q.dtype)
+
+
+# ---- CUDA-graph decode --------------------------------------------------------------------------------
+
+
+def graph_decode_wrapper_kwargs(
+    workspace: torch.Tensor,
+    tensor_cores: bool,
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    last_page_len: torch.Tensor,
+) -> dict[str, Any]:
+    """Keyword arguments of BatchDecodeWithPagedKVCacheWrapper(...) (0.6.3) in CUDA-graph mode."""
+    return dict(
+        float_workspace_buffer=workspace,
+        kv_layout=KV_LAYOUT,
+        use_cuda_graph=True,
+        use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr,  # [B+1] int32, device
+        paged_kv_indices_buffer=indices,  # [max_pages] int32, device
+        paged_kv_last_page_len_buffer=last_page_len,  # [B] int32, device
+        backend=FA_BACKEND,
+    )
+
+
+def fa2_cta_tile_q(packed_qo_len: int, head_dim: int, sm80_or_newer: bool) -> int:
+    """FlashInfer 0.6.3's FA2DetermineCtaTileQ (include/flashinfer/utils.cuh)."""
+    if packed_qo_len > 64 and head_dim < 256:
+        return 128
+    if not sm80_or_newer:
+        return 64
+    return 64 if packed_qo_len > 16 else 16
+
+
+def graph_workspace_bytes(
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    batch_size: int,
+    tensor_cores: bool,
+    num_sms: int,
+    sm80_or_newer: bool = True,
+) -> int:
+    """Float workspace a graph-mode decode wrapper for `batch_size` requests needs (split-kv partial results).
+
+    Graph mode always plans split-kv with a padded grid that depends only on the batch size
+    (include/flashinfer/attention/scheduler.cuh, 0.6.3), so this is fixed per bucket:
+      * tensor cores (PrefillPlan): padded = max(2 * SMs / Hkv, ceil(B * group / cta_tile_q) + B - 1);
+        tmp_v [Hq, padded, cta_tile_q, D] and tmp_s [Hq, padded, cta_tile_q], fp32
+      * CUDA cores (DecodePlan): split only while B * Hkv < max grid; padded = max grid / Hkv, bounded
+        here by 32 resident blocks per SM (the hardware limit); tmp_v [Hq, padded, D], tmp_s [Hq, padded]
+    Plus 1 MiB for alignment. For Llama-3.1-8B at B = 512 this is ~170 MB, beyond the 128 MiB default.
+    """
+    if tensor_cores:
+        group = num_qo_heads // num_kv_heads
+        cta = fa2_cta_tile_q(group, head_dim, sm80_or_newer)
+        padded = max(2 * num_sms // num_kv_heads, -(-batch_size * group // cta) + batch_size - 1)
+        rows = padded * cta
+    else:
+        rows = 32 * num_sms // num_kv_heads
+    return num_qo_heads * rows * (head_dim + 1) * 4 + (1 << 20)
+
+
+class FlashInferDecodeGraph(AttentionBackend):
+    """Decode attention for exactly `batch_size` requests in FlashInfer's CUDA-graph mode.
+
+    The wrapper reads indptr [B+1], indices [max_pages] and last_page_len [B] from fixed device buffers
+    (kv_indptr, kv_indices, kv_last_page_len) that plan() refills, so kernels captured from run() stay
+    valid across plans. In graph mode 0.6.3's launch parameters (plan_info: split-kv, padded grid,
+    workspace offsets) depend only on the batch size, never on KV lengths, so one capture serves every
+    later plan. plan() must run outside the graph, before each replay. Same kernels as the eager decode
+    wrapper: FA2, tensor cores from GQA group 4.
+    """
+
+    name = "flashinfer-decode-graph"
+
+    def __init__(
+        self, parent: FlashInferBackend, batch_size: int, max_pages: int, workspace: torch.Tensor
+    ) -> None:
+        super().__init__(
+            parent.num_qo_heads,
+            parent.num_kv_heads,
+            parent.head_dim,
+            parent.page_size,
+            parent.dtype,
+            parent.device,
+            parent.sm_scale,
+        )
+        import flashinfer
+
+        dev = parent.device
+        self.batch_size = batch_size
+        self.kv_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
+        self.kv_indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        self.kv_last_page_len = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        kwargs = graph_decode_wrapper_kwargs(
+            workspace, parent.decode_tensor_cores, self.kv_indptr, self.kv_indices, self.kv_last_page_len
+        )
+        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(**kwargs)
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """meta: a decode batch of exactly batch_size requests; its kv_page_indices may be any device
+        tensor (plan copies it into kv_indices), indptr / last_page_len are read from its host copies."""
+        if meta.num_requests != self.batch_size or not meta.is_decode:
+            raise ValueError(
+                f"graph decode wrapper for {self.batch_size} requests got {meta.num_requests} "
+                f"({'decode' if meta.is_decode else 'not a decode batch'})"
+            )
+        if meta.kv_page_indices.numel() > self.kv_indices.numel():
+            raise ValueError(
+                f"{meta.kv_page_indices.numel()} KV pages exceed this graph's {self.kv_indices.numel()}"
+            )
+        args, kwargs = decode_plan_args(self, meta)
+        self._wrapper.plan(*args, **kwargs)
+
+    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """q: [B, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] -> [B, Hq, D] in q's dtype."""
+        out = self._wrapper.run(q.to(self.dtype).contiguous(), kv_cache)
         return out.to(q.dtype)

@@ -41,6 +41,7 @@ class BenchOptions:
     chunk_tokens: int = 8192  # most tokens in one context-prefill pass
     profile_path: str | None = None  # torch.profiler table of one decode step at profile_batch
     profile_batch: int = 64
+    cuda_graphs: bool = True  # decode through CUDA graphs (CUDA with FlashInfer only; ignored elsewhere)
 
     @property
     def decode_steps_total(self) -> int:
@@ -197,6 +198,9 @@ def run_decode(executor, batch: int, opts: BenchOptions, vocab: int, rng, progre
         decode_batch(np.full(batch, opts.context + s + 1), pps, opts.page_size, vocab, rng)
         for s in range(opts.decode_steps_total)
     ]
+    graphs = getattr(executor, "graphs", None)
+    if graphs is not None and graphs.prepare(batch):  # capture now, so even --warmup 0 times no capture
+        progress(f"decode batch {batch}: CUDA graph ready")
     progress(f"decode batch {batch}: {opts.warmup} warm-up + {opts.repeats} x {opts.steps} timed steps")
     for b in steps[: opts.warmup]:
         executor.execute(b)
@@ -254,6 +258,7 @@ class Measurements:
     decode: list[DecodeFigure]
     prefill: PrefillFigure | None
     capabilities: dict  # the executor's Capabilities as a dict (backend, dtype, pages, ...)
+    cuda_graphs: dict | None = None  # GraphStats.summary() of the run; None when graphs were off
 
 
 def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
@@ -271,6 +276,7 @@ def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
         ),
         max_batch_size=max(max(opts.batch_sizes), opts.prefill_requests),
         attention_backend=opts.attention_backend,
+        cuda_graphs=opts.cuda_graphs,
         random_weights=random_weights,
     )
 
@@ -297,9 +303,18 @@ def run_benchmark(
         spec = dataclasses.replace(spec, attention_backend=resolve_attention_backend(spec))
     executor = ModelExecutor(spec, progress=True)
     caps = executor.capabilities
-    progress(f"executor ready: attention backend {caps.extra.get('attention_backend')}, dtype {caps.dtype}")
+    progress(
+        f"executor ready: attention backend {caps.extra.get('attention_backend')}, dtype {caps.dtype}, "
+        f"CUDA graphs {'on' if executor.graphs is not None else 'off'}"
+    )
     vocab = executor.model_config.vocab_size
     rng = np.random.default_rng(0)
     decode = [run_decode(executor, b, opts, vocab, rng, progress) for b in opts.batch_sizes]
     prefill = run_prefill(executor, opts, vocab, rng, progress) if opts.prefill_requests > 0 else None
-    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire())
+    graphs = executor.graphs.stats.summary() if executor.graphs is not None else None
+    if graphs is not None:
+        progress(
+            f"CUDA graphs: buckets {graphs['captured_buckets']} captured, {graphs['replays']} replays, "
+            f"{graphs['eager_decode_batches']} decode batches eager, disabled: {graphs['disabled']}"
+        )
+    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs)

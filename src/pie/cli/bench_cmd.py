@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--attention", default="auto", choices=("auto", "flashinfer", "torch"), help="attention backend"
     )
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="run decode steps eagerly (default: CUDA graphs on CUDA with FlashInfer, as cuda_native does)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print the JSON record on stdout (the table goes to stderr)"
     )
     p.add_argument(
@@ -122,6 +128,7 @@ def parse_options(args: argparse.Namespace, device: str, dtype: str):
         attention_backend=args.attention,
         profile_path=args.profile,
         profile_batch=64 if 64 in batches else max(batches),
+        cuda_graphs=getattr(args, "cuda_graphs", True),
     )
 
 
@@ -186,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"model {name} ({cfg.get('model_type')}), {'random weights' if random_weights else model_dir}")
         meas = run_benchmark(str(model_dir), opts, random_weights, say)
     record = build_record(meas, cfg, name, opts, random_weights)
+    # requested (--no-cuda-graphs turns it off), and what the run did: captured buckets, replays, or None
+    # when the executor ran without graphs (CPU, torch attention, or turned off)
+    record["settings"]["cuda_graphs"] = opts.cuda_graphs
+    record["cuda_graphs"] = meas.cuda_graphs
     if args.json:
         print(json.dumps(record, indent=2))
         print_table(record, sys.stderr)

@@ -3,7 +3,7 @@
 On top of InProcessDriver it adds: a refusal, with a hint, when the device is not CUDA or torch sees no
 CUDA; the attention backend choice for "auto" (FlashInfer when it imports and supports the model's
 attention shape and dtype, else the portable torch backend, with one warning); and time limits on start
-(the model load) and shutdown. CUDA graphs are not used yet.
+(the model load) and shutdown. Decode steps replay CUDA graphs (drivers/cuda_graphs.py; the factory sets ExecutorSpec.cuda_graphs).
 """
 
 from __future__ import annotations

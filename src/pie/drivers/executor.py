@@ -5,7 +5,9 @@ the target device, then filled from safetensors (or randomly, for benchmarks); K
 (kv_plan) and allocated as one tensor [L, num_pages, 2, page_size, Hkv, D]; attention backend by name.
 
 Execute: validate -> AttentionMetadata -> backend.plan -> model.forward over all T tokens ->
-logits of the O output rows (fp32) -> sampling -> one host copy at the end.
+logits of the O output rows (fp32) -> sampling -> one host copy at the end. With spec.cuda_graphs on CUDA
+(FlashInfer attention), pure decode batches replay a captured graph instead of the eager forward
+(pie.drivers.cuda_graphs); the KV cache then has one scratch page beyond the num_pages it reports.
 """
 
 from __future__ import annotations
@@ -126,7 +128,11 @@ class ModelExecutor:
         self.num_pages = plan_num_pages(
             spec, pbytes, self.weights_bytes, free_before, free_after, model_config=cfg, act_bytes=act_bytes
         )
-        shape = (cfg.num_layers, self.num_pages, 2, spec.page_size, cfg.num_kv_heads, cfg.head_dim)
+        # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
+        # after the num_pages reported in Capabilities (check_batch rejects it).
+        scratch_pages = 1 if spec.cuda_graphs and self.device.type == "cuda" else 0
+        pages = self.num_pages + scratch_pages
+        shape = (cfg.num_layers, pages, 2, spec.page_size, cfg.num_kv_heads, cfg.head_dim)
         try:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         except torch.OutOfMemoryError:
@@ -144,6 +150,11 @@ class ModelExecutor:
             dtype=self.dtype,
             device=self.device,
         )
+        self.graphs = None  # DecodeGraphRunner when CUDA graphs are on
+        if scratch_pages:
+            from pie.drivers.cuda_graphs import flashinfer_graph_runner
+
+            self.graphs = flashinfer_graph_runner(self)  # None (logged) unless the backend is FlashInfer
         log.info(
             "executor ready: %s on %s, %d KV pages of %d, backend %s",
             cfg.model_type,
@@ -174,6 +185,7 @@ class ModelExecutor:
                 "eos_token_ids": list(cfg.eos_token_ids),
                 "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": self.kv_cache.numel() * self.kv_cache.element_size(),
+                "cuda_graphs": self.graphs is not None,
             },
         )
 
@@ -206,32 +218,50 @@ class ModelExecutor:
                 raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
-        """One forward pass; returns host (numpy) results for the batch's output rows."""
+        """One forward pass; returns host (numpy) results for the batch's output rows.
+
+        Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
+        every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
         self.check_batch(batch)
-        dev = self.device
         with torch.inference_mode():
-            meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
-            self.backend.plan(meta)
-            ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
-            input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
-            positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
-            hidden = self.model(input_ids, positions, ctx)  # [T, H]
+            logits = None
+            if self.graphs is not None and self.graphs.accepts(batch):
+                logits = self.graphs.run(batch)  # [O, V] fp32; None when its capture failed (now eager)
+            if logits is None:
+                logits = self._forward_eager(batch)
             if batch.num_outputs == 0:
                 return ForwardResult(tokens=np.zeros(0, dtype=np.int64))
-            rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
-            logits = self.model.compute_logits(hidden[rows])  # [O, V] fp32
-            out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
-            keep_rows = np.flatnonzero(batch.return_logits)
-            kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
-            # single device -> host transfer point
-            return ForwardResult(
-                tokens=_np(out.tokens, np.int64),
-                logprobs=_np(out.logprobs, np.float32),
-                entropies=_np(out.entropies, np.float32),
-                logits=_np(kept, np.float32),
-                dist_ids=_np(out.dist_ids, np.int64),
-                dist_probs=_np(out.dist_probs, np.float32),
-            )
+            return self._sample(batch, logits)
+
+    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
+        dev = self.device
+        meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
+        self.backend.plan(meta)
+        ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
+        input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
+        positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
+        hidden = self.model(input_ids, positions, ctx)  # [T, H]
+        if batch.num_outputs == 0:
+            return None
+        rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
+        return self.model.compute_logits(hidden[rows])  # [O, V] fp32
+
+    def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ForwardResult:
+        """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
+        dev = self.device
+        out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
+        keep_rows = np.flatnonzero(batch.return_logits)
+        kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
+        # single device -> host transfer point
+        return ForwardResult(
+            tokens=_np(out.tokens, np.int64),
+            logprobs=_np(out.logprobs, np.float32),
+            entropies=_np(out.entropies, np.float32),
+            logits=_np(kept, np.float32),
+            dist_ids=_np(out.dist_ids, np.int64),
+            dist_probs=_np(out.dist_probs, np.float32),
+        )
 
 
 def _np(t: torch.Tensor | None, dtype) -> np.ndarray | None:

@@ -36,7 +36,10 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
         max_batch_size=o.max_batch_size,
     )
     if d.type == "cuda_native":
-        return ExecutorSpec(**common, kv_policy="cuda_native", max_num_kv_pages=o.max_num_kv_pages)
+        # CUDA graphs for decode: the fast path's point (pie.drivers.cuda_graphs); on only with FlashInfer.
+        return ExecutorSpec(
+            **common, kv_policy="cuda_native", max_num_kv_pages=o.max_num_kv_pages, cuda_graphs=True
+        )
     if d.type == "dev":
         return ExecutorSpec(**common, kv_policy="dev", max_dist_size=o.max_dist_size)
     raise ConfigError(f"model {entry.name!r}: unknown driver type {d.type!r}; use cuda_native or dev")
