@@ -24,6 +24,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from gpu_marks import HAS_CUDA, HAS_FLASHINFER, MUST_FLASHINFER, needs_cuda, needs_flashinfer  # noqa: F401
 
 from pie.attention.base import AttentionMetadata
 from pie.attention.flashinfer_backend import graph_decode_wrapper_kwargs, graph_workspace_bytes
@@ -42,18 +43,6 @@ from pie.drivers.cuda_graphs import (
 from pie.drivers.executor import ModelExecutor
 from pie.drivers.protocol import BatchError, ForwardBatch, make_batch
 from pie.drivers.spec import ExecutorSpec
-
-HAS_CUDA = torch.cuda.is_available()
-try:
-    import flashinfer  # noqa: F401
-
-    HAS_FLASHINFER = True
-except Exception:
-    HAS_FLASHINFER = False
-MUST_FLASHINFER = os.environ.get("PIE_REQUIRE_FLASHINFER") == "1"
-needs_flashinfer = pytest.mark.skipif(
-    not HAS_CUDA or not (HAS_FLASHINFER or MUST_FLASHINFER), reason="needs CUDA and FlashInfer"
-)
 
 
 class Seqs:

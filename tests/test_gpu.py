@@ -23,24 +23,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gpu_marks import HAS_CUDA, HAS_FLASHINFER, MUST_FLASHINFER, needs_cuda, needs_flashinfer  # noqa: F401
 
 from pie.attention.base import AttentionMetadata
 from pie.drivers.protocol import make_batch
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
 
-HAS_CUDA = torch.cuda.is_available()
-try:
-    import flashinfer  # noqa: F401
-
-    HAS_FLASHINFER = True
-except Exception:
-    HAS_FLASHINFER = False
-MUST_FLASHINFER = os.environ.get("PIE_REQUIRE_FLASHINFER") == "1"
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-needs_flashinfer = pytest.mark.skipif(
-    not HAS_CUDA or not (HAS_FLASHINFER or MUST_FLASHINFER), reason="needs CUDA and FlashInfer"
-)
 DEV = torch.device("cuda:0") if HAS_CUDA else None
 # FlashInfer needs head_dim 64/128/256; init std halved from tiny_models' 0.15 for the 4x wider hidden size
 TINY = dict(
