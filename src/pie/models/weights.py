@@ -60,12 +60,17 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     loaded: set[str] = set()
     shard_seen: dict[str, set] = {}
     files = checkpoint_files(model_dir)
-    with tqdm(desc="loading weights", unit="tensor", file=sys.stderr, disable=not progress) as bar:
+    total = 0
+    if progress:  # headers only: the bar knows its total from the first frame
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                total += len(f.keys())
+    with tqdm(
+        desc="loading weights", unit="tensor", total=total or None, file=sys.stderr, disable=not progress
+    ) as bar:
         for path in files:
             with safe_open(str(path), framework="pt", device=st_device) as f:
                 keys = list(f.keys())
-                bar.total = (bar.total or 0) + len(keys)
-                bar.refresh()
                 for key in keys:
                     bar.update(1)
                     if key.endswith(_IGNORED_SUFFIXES):
