@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pie.drivers.base import Driver
-from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.errors import DriverError
 
 _P = 1_000_003
@@ -40,6 +40,8 @@ class FakeDriver(Driver):
         max_batch_tokens: int = 64,
         max_batch_size: int = 8,
         max_dist_size: int = 8,
+        num_swap_slots: int = 0,
+        max_position: int = 1 << 20,
     ) -> None:
         self.caps = Capabilities(
             protocol_version=1,
@@ -52,10 +54,16 @@ class FakeDriver(Driver):
             max_dist_size=max_dist_size,
             device="cpu",
             dtype="float32",
+            extra={"max_position_embeddings": max_position},
         )
+        self.caps.num_swap_slots = num_swap_slots
         self.kv_tok = np.full((num_pages, page_size), -1, dtype=np.int64)
         self.kv_pos = np.full((num_pages, page_size), -1, dtype=np.int64)
         self.batches: list[ForwardBatch] = []
+        self.ops: list[PageOps] = []
+        self.swap_tok = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
+        self.swap_pos = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
+        self.last_tokens = np.zeros(0, dtype=np.int64)
         self.gate: asyncio.Event | None = None  # when set to an unset Event, forward waits on it
         self.fail_if: Callable[[ForwardBatch], Exception | None] | None = None
         self.in_flight = 0
@@ -86,8 +94,35 @@ class FakeDriver(Driver):
         finally:
             self.in_flight -= 1
 
+    async def page_ops(self, ops: PageOps) -> PageOpsResult:
+        """Moves the fake KV (token and position per slot) as a real driver moves K and V."""
+        self.ops.append(ops)
+        for page, slot in ops.swap_out.tolist():
+            self.swap_tok[slot], self.swap_pos[slot] = self.kv_tok[page], self.kv_pos[page]
+        if ops.copy.size:
+            src, dst = ops.copy[:, 0], ops.copy[:, 1]
+            self.kv_tok[dst], self.kv_pos[dst] = self.kv_tok[src], self.kv_pos[src]
+        for slot, page in ops.swap_in.tolist():
+            self.kv_tok[page], self.kv_pos[page] = self.swap_tok[slot], self.swap_pos[slot]
+        ps = self.caps.page_size
+        if ops.write.size:
+            data = ops.write_data.view(np.int64).reshape(-1, 2, ps)
+            self.kv_tok[ops.write], self.kv_pos[ops.write] = data[:, 0], data[:, 1]
+        data = None
+        if ops.read.size:
+            data = np.stack([self.kv_tok[ops.read], self.kv_pos[ops.read]], axis=1).reshape(ops.read.size, -1)
+            data = np.ascontiguousarray(data).view(np.uint8)
+        await asyncio.sleep(0)
+        return PageOpsResult(data=data)
+
     def _run(self, b: ForwardBatch) -> ForwardResult:
         ps, V = self.caps.page_size, self.caps.vocab_size
+        if b.prev_token_rows is not None:  # generation steps queued before the previous batch returned
+            rows = b.prev_token_rows
+            fed = rows >= 0
+            prev = self.last_tokens
+            b.token_ids = b.token_ids.copy()
+            b.token_ids[fed] = np.where(rows[fed] < prev.shape[0], prev[np.minimum(rows[fed], max(prev.shape[0] - 1, 0))] if prev.shape[0] else 0, 0)
         kv_lens, qo_lens = b.kv_lens(ps), b.qo_lens()
         req = np.repeat(np.arange(b.num_requests), qo_lens)
         slot = (kv_lens - qo_lens)[req] + np.arange(b.num_tokens) - b.qo_indptr[req]
@@ -110,6 +145,7 @@ class FakeDriver(Driver):
             j = np.nonzero(visible)[0]
             tokens.append(int((((toks[j] + 1) * 31 + poss[j]) * (j + 1)).sum() % _P % V))
         tok = np.array(tokens, dtype=np.int64)
+        self.last_tokens = tok
         num_out = b.num_outputs
         kmax = int(b.dist_k.max()) if num_out else 0
         dist_ids = dist_probs = None

@@ -150,6 +150,7 @@ class ModelExecutor:
             dtype=self.dtype,
             device=self.device,
         )
+        self._prev_tokens: torch.Tensor | None = None  # sampled tokens of the last batch, on the device
         self.graphs = None  # DecodeGraphRunner when CUDA graphs are on
         if scratch_pages:
             from pie.drivers.cuda_graphs import flashinfer_graph_runner
@@ -223,23 +224,55 @@ class ModelExecutor:
         Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
         every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
         self.check_batch(batch)
+        prev, self._prev_tokens = self._prev_tokens, None  # a failed batch leaves no tokens to feed
+        feed = None
+        if batch.prev_token_rows is not None:
+            feed = self._feeder(batch.prev_token_rows, prev)
         with torch.inference_mode():
             logits = None
             if self.graphs is not None and self.graphs.accepts(batch):
-                logits = self.graphs.run(batch)  # [O, V] fp32; None when its capture failed (now eager)
+                logits = self.graphs.run(batch, feed)  # [O, V] fp32; None when its capture failed (now eager)
             if logits is None:
-                logits = self._forward_eager(batch)
+                logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
+                self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
                 return ForwardResult(tokens=np.zeros(0, dtype=np.int64))
             return self._sample(batch, logits)
 
-    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor | None:
+    def _feeder(self, rows: np.ndarray, prev: torch.Tensor | None):
+        """In-place fill of input ids [T] (device) from the previous batch's sampled tokens [O_prev]
+        (ForwardBatch.prev_token_rows); rows past them (or after a failed batch) get token 0."""
+        at = np.flatnonzero(rows >= 0)
+        if at.size == 0:
+            return None
+        src = rows[at].astype(np.int64)
+        n = 0 if prev is None else int(prev.shape[0])
+        dev = self.device
+        at_t = torch.from_numpy(at).to(dev, non_blocking=True)
+        if n == 0:
+
+            def fill(ids: torch.Tensor) -> None:
+                ids.index_fill_(0, at_t, 0)
+
+            return fill
+        ok = src < n
+        src_t = torch.from_numpy(np.where(ok, src, 0)).to(dev, non_blocking=True)
+        ok_t = torch.from_numpy(ok).to(dev, non_blocking=True)
+
+        def fill(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, at_t, torch.where(ok_t, prev.index_select(0, src_t), 0).to(ids.dtype))
+
+        return fill
+
+    def _forward_eager(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
         dev = self.device
         meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
         self.backend.plan(meta)
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
         input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
+        if feed is not None:
+            feed(input_ids)
         positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, ctx)  # [T, H]
         if batch.num_outputs == 0:
@@ -251,6 +284,7 @@ class ModelExecutor:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
         dev = self.device
         out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
+        self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
         keep_rows = np.flatnonzero(batch.return_logits)
         kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
         # single device -> host transfer point

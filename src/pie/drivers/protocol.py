@@ -60,6 +60,10 @@ class ForwardBatch:
     return_logprobs: bool = False  # log-prob of each sampled token and entropy of each row
     mask: np.ndarray | None = None  # flat bool, see module docstring
     mask_indptr: np.ndarray | None = None  # [R+1] int64
+    # [T] int32 or None: >= 0 takes that token from the sampled tokens of the previous forward pass this
+    # driver ran (output row index), on the device: lets the runtime queue a generation's next step before
+    # the previous one has returned. -1 uses token_ids. A row past the previous result feeds token 0.
+    prev_token_rows: np.ndarray | None = None
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -123,6 +127,8 @@ class ForwardBatch:
                 raise BatchError("mask_indptr must delimit [n_r, kv_len_r] blocks per request")
             if self.mask.shape != (int(expect[-1]),):
                 raise BatchError("mask length does not match mask_indptr")
+        if self.prev_token_rows is not None and self.prev_token_rows.shape != (T,):
+            raise BatchError(f"prev_token_rows must have one entry per token ({T})")
 
     # ---- (de)serialization for the dev driver's channel ------------------
     def to_wire(self) -> dict:
@@ -258,3 +264,46 @@ def make_batch(
         mask=mask,
         mask_indptr=mask_indptr,
     )
+
+
+def _rows2(a=None) -> np.ndarray:
+    return np.zeros((0, 2), np.int32) if a is None else np.asarray(a, dtype=np.int32).reshape(-1, 2)
+
+
+def _rows1(a=None) -> np.ndarray:
+    return np.zeros(0, np.int32) if a is None else np.asarray(a, dtype=np.int32).reshape(-1)
+
+
+@dataclass
+class PageOps:
+    """KV page movements, applied by the driver in this order, serialized with forward passes in
+    submission order:
+    1. swap_out  [S,2] int32 rows (device page, host slot): device page -> host swap slot
+    2. copy      [C,2] int32 rows (src page, dst page): device -> device, every layer, K and V
+    3. swap_in   [S,2] int32 rows (host slot, device page)
+    4. write     [W] int32 device pages, filled from write_data [W, page_nbytes] uint8
+    5. read      [R] int32 device pages whose raw bytes come back in PageOpsResult.data
+    """
+
+    swap_out: np.ndarray = field(default_factory=_rows2)
+    copy: np.ndarray = field(default_factory=_rows2)
+    swap_in: np.ndarray = field(default_factory=_rows2)
+    write: np.ndarray = field(default_factory=_rows1)
+    write_data: np.ndarray | None = None
+    read: np.ndarray = field(default_factory=_rows1)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.swap_out.size or self.copy.size or self.swap_in.size or self.write.size or self.read.size)
+
+    def to_wire(self) -> dict:
+        return {f.name: _arr_to_wire(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> PageOps:
+        return cls(**{k: _arr_from_wire(v) for k, v in d.items()})
+
+
+@dataclass
+class PageOpsResult:
+    data: np.ndarray | None = None  # [R, page_nbytes] uint8

@@ -1,0 +1,417 @@
+"""One model's KV memory as the runtime manages it: sequences' page tables, copy-on-write forks,
+named snapshots, the automatic prefix cache, and the page movements (copies, swaps) they need.
+
+Page movements are queued in `ops` and sent to the driver by the scheduler before its next batch;
+the driver applies them in submission order with the batches, so a copy queued now reads what every
+earlier batch wrote and is done before any later batch reads it.
+
+Prefix cache. Each full page of a sequence's causal prefix gets a key chained over the pages before it:
+
+    key_i = hash((key_{i-1}, tokens of page i, positions of page i))
+
+(the KV of a page computed with causal attention is a function of exactly these). When a page's
+batch has finished, the cache takes a reference on it under its key. A new pass whose prefix keys
+match takes those pages instead of prefilling them. Cached pages nobody else holds are evicted
+least-recently-used first, only when memory is needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pie.drivers.protocol import PageOps
+from pie.errors import PieError
+from pie.runtime.pages import PageAllocator
+from pie.runtime.sequence import DROPPED, RESIDENT, SWAPPED, Sequence
+
+_ROOT = 0x5EED  # key of the empty prefix
+
+
+class SnapshotError(PieError):
+    """A snapshot that does not exist, already exists, or cannot be used here."""
+
+
+@dataclass
+class Snapshot:
+    name: str
+    pages: list[int]  # the snapshot holds one reference on each
+    tokens: list[int]
+    positions: list[int]
+    hashes: list[int]
+    causal_len: int
+    disk_data: np.ndarray | None = None  # [num_pages, page_nbytes] uint8 when loaded from disk, not resident
+
+
+@dataclass
+class KVStats:
+    tokens_prefilled: int = 0  # tokens run through the model (prompt, recompute; not decode steps)
+    tokens_decoded: int = 0
+    prefix_tokens_reused: int = 0  # tokens taken from shared (cached) pages instead of computed
+    preemptions: int = 0
+    preempted_recompute: int = 0
+    pages_swapped_out: int = 0
+    pages_swapped_in: int = 0
+    pages_copied: int = 0
+    pages_evicted: int = 0
+
+
+@dataclass
+class _PendingOps:
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    copy: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    write: list[int] = field(default_factory=list)
+    write_data: list[np.ndarray] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.swap_out or self.copy or self.swap_in or self.write)
+
+
+class KVCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, num_swap_slots: int = 0) -> None:
+        self.alloc = allocator
+        self.ps = page_size
+        self.stats = KVStats()
+        self.snapshots: dict[str, Snapshot] = {}
+        self._cache: OrderedDict[int, int] = OrderedDict()  # key -> page, oldest use first
+        self._cached_pages: set[int] = set()
+        self._ops = _PendingOps()
+        self._free_slots = list(range(num_swap_slots - 1, -1, -1))
+        self.num_swap_slots = num_swap_slots
+        self._ids = itertools.count(1)
+        self._anon = itertools.count(1)
+
+    # ---- sequences ----------------------------------------------------------------------------
+    def new_sequence(self) -> Sequence:
+        return Sequence(next(self._ids))
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's pages (pins keep those still used by a batch alive until it ends)."""
+        if seq.closed:
+            return
+        seq.closed = True
+        self._drop_pages(seq)
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        if seq.state == SWAPPED:
+            assert seq.swap_slots is not None
+            self._free_slots.extend(s for s in seq.swap_slots if s >= 0)
+            self.alloc.decref([p for p in seq.pages if p >= 0])
+            seq.swap_slots = None
+        else:
+            self.alloc.decref(seq.pages)
+        seq.pages = []
+        seq.kv_len = 0
+        seq.state = RESIDENT
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A sequence with the same KV: full pages shared, the partial last page copied on the device."""
+        self._require_idle(seq, "fork")
+        child = self.new_sequence()
+        self._share_into(child, seq.pages, seq.tokens, seq.positions, seq.hashes, seq.causal_len, seq)
+        return child
+
+    def _share_into(self, dst: Sequence, pages, tokens, positions, hashes, causal_len, src=None) -> None:
+        """dst takes the KV of (pages, tokens): full pages by reference, the partial one by a copy."""
+        n = len(tokens)
+        full = n // self.ps
+        pages = list(pages)
+        if src is not None and src.state == SWAPPED and not self.ensure_resident(src):
+            raise PieError("out of KV pages: cannot bring a swapped-out context back to copy it; retry later")
+        if src is not None and src.state == DROPPED:  # nothing resident: the copy recomputes too
+            dst.pages, dst.kv_len, dst.state, dst.hashes = [], 0, DROPPED, []
+            dst.tokens, dst.positions, dst.causal_len = list(tokens), list(positions), causal_len
+            return
+        self.alloc.incref(pages[:full])
+        dst.pages = pages[:full]
+        if n % self.ps:
+            q = self.alloc_pages(1)[0]
+            self._ops.copy.append((pages[full], q))
+            self.stats.pages_copied += 1
+            dst.pages.append(q)
+        dst.tokens, dst.positions = list(tokens), list(positions)
+        dst.hashes = list(hashes[:full])
+        dst.causal_len = causal_len
+        dst.kv_len = n
+        dst.state = RESIDENT
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Drop the last n tokens of the KV (e.g. rejected speculative drafts)."""
+        self._require_idle(seq, "truncate")
+        if not 0 <= n <= seq.num_tokens:
+            raise ValueError(f"cannot truncate {n} tokens of a context holding {seq.num_tokens}")
+        if n == 0:
+            return
+        self.ensure_resident(seq)
+        keep = seq.num_tokens - n
+        keep_pages = -(-keep // self.ps)
+        self.alloc.decref(seq.pages[keep_pages:])
+        del seq.pages[keep_pages:]
+        del seq.tokens[keep:], seq.positions[keep:]
+        del seq.hashes[keep // self.ps :]
+        seq.kv_len = min(seq.kv_len, keep)
+        seq.causal_len = min(seq.causal_len, keep)
+        if keep % self.ps:  # the new last page will be written again: it must be ours alone
+            last = seq.pages[-1]
+            if self.alloc.is_shared(last) or self.alloc.pincount(last):
+                q = self.alloc_pages(1)[0]
+                self._ops.copy.append((last, q))
+                self.stats.pages_copied += 1
+                self.alloc.decref([last])
+                seq.pages[-1] = q
+
+    # ---- snapshots ----------------------------------------------------------------------------
+    def save(self, seq: Sequence, name: str | None = None) -> str:
+        self._require_idle(seq, "save")
+        if name is None:
+            name = f"snapshot-{next(self._anon)}"
+            while name in self.snapshots:
+                name = f"snapshot-{next(self._anon)}"
+        if name in self.snapshots:
+            raise SnapshotError(
+                f"a snapshot named {name!r} already exists; delete it first or pick another name"
+            )
+        holder = Sequence(0)
+        self._share_into(holder, seq.pages, seq.tokens, seq.positions, seq.hashes, seq.causal_len, seq)
+        self.snapshots[name] = Snapshot(
+            name, holder.pages, holder.tokens, holder.positions, holder.hashes, holder.causal_len
+        )
+        return name
+
+    def open(self, name: str) -> Sequence | None:
+        """A new sequence forked from the snapshot (None if there is none of that name)."""
+        snap = self.snapshots.get(name)
+        if snap is None:
+            return None
+        seq = self.new_sequence()
+        if snap.disk_data is not None:
+            self._load_from_disk(snap)
+        self._share_into(seq, snap.pages, snap.tokens, snap.positions, snap.hashes, snap.causal_len)
+        return seq
+
+    def take(self, name: str) -> Sequence | None:
+        """The snapshot becomes a sequence (its pages move over; the name is gone)."""
+        snap = self.snapshots.pop(name, None)
+        if snap is None:
+            return None
+        if snap.disk_data is not None:
+            self._load_from_disk(snap)
+        seq = self.new_sequence()
+        seq.pages, seq.tokens, seq.positions = snap.pages, snap.tokens, snap.positions
+        seq.hashes, seq.causal_len, seq.kv_len = snap.hashes, snap.causal_len, len(snap.tokens)
+        return seq
+
+    def delete(self, name: str) -> bool:
+        snap = self.snapshots.pop(name, None)
+        if snap is None:
+            return False
+        self.alloc.decref(snap.pages)
+        return True
+
+    def add_disk_snapshot(self, snap: Snapshot) -> None:
+        """A snapshot read from disk: its pages are written to the device when first opened."""
+        self.snapshots[snap.name] = snap
+
+    def _load_from_disk(self, snap: Snapshot) -> None:
+        assert snap.disk_data is not None
+        snap.pages = self.alloc_pages(snap.disk_data.shape[0])
+        self._ops.write.extend(snap.pages)
+        self._ops.write_data.append(snap.disk_data)
+        snap.disk_data = None
+
+    # ---- pages for a pass -----------------------------------------------------------------------
+    def alloc_pages(self, n: int) -> list[int]:
+        """n fresh pages, evicting unused cached pages if needed; OutOfPagesError if still short."""
+        if n > self.alloc.num_free:
+            self.evict(n - self.alloc.num_free)
+        return self.alloc.alloc(n)
+
+    def num_available(self) -> int:
+        """Pages that can be had without preempting anyone: free plus evictable cached pages."""
+        return self.alloc.num_free + sum(1 for p in self._cached_pages if self._evictable(p))
+
+    def pages_needed(self, seq: Sequence, kv_end: int) -> int:
+        return max(0, -(-kv_end // self.ps) - len(seq.pages))
+
+    def grow(self, seq: Sequence, kv_end: int) -> bool:
+        """Give seq pages covering kv_end slots; False (nothing changed) when memory is short."""
+        need = -(-kv_end // self.ps) - len(seq.pages)
+        if need <= 0:
+            return True
+        if need > self.alloc.num_free and self.evict(need - self.alloc.num_free) < need - self.alloc.num_free:
+            return False
+        seq.pages += self.alloc.alloc(need)
+        return True
+
+    def _evictable(self, p: int) -> bool:
+        return self.alloc.refcount(p) == 1 and self.alloc.pincount(p) == 0
+
+    def evict(self, n: int) -> int:
+        """Free up to n cached pages nobody else holds, least recently used first; returns how many."""
+        freed = 0
+        if n <= 0 or not self._cache:
+            return 0
+        for key, p in list(self._cache.items()):
+            if freed >= n:
+                break
+            if self._evictable(p):
+                del self._cache[key]
+                self._cached_pages.discard(p)
+                self.alloc.decref([p])
+                freed += 1
+        self.stats.pages_evicted += freed
+        return freed
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+    def _key(self, prev: int, tokens, positions) -> int:
+        return hash((prev, tuple(tokens), tuple(positions)))
+
+    def match_prefix(self, seq: Sequence, limit: int) -> int:
+        """Take cached pages for slots seq.kv_len.. of tokens already appended to seq (a pass about to
+        run, or a recompute after preemption); returns how many tokens (a multiple of page_size, at
+        most `limit`) are now in seq's KV and need not be computed."""
+        ps = self.ps
+        kv = seq.kv_len
+        if not self._cache or kv % ps or seq.causal_len != kv or len(seq.hashes) != kv // ps:
+            return 0
+        prev = seq.hashes[-1] if seq.hashes else _ROOT
+        taken = 0
+        while taken + ps <= limit:
+            lo = kv + taken
+            key = self._key(prev, seq.tokens[lo : lo + ps], seq.positions[lo : lo + ps])
+            p = self._cache.get(key)
+            if p is None:
+                break
+            self._cache.move_to_end(key)
+            self.alloc.incref([p])
+            if len(seq.pages) > lo // ps:  # a page we already hold for these slots (a retried pass)
+                self.alloc.decref([seq.pages[lo // ps]])
+                seq.pages[lo // ps] = p
+            else:
+                seq.pages.append(p)
+            seq.hashes.append(key)
+            prev = key
+            taken += ps
+        seq.kv_len += taken
+        seq.causal_len += taken
+        self.stats.prefix_tokens_reused += taken
+        return taken
+
+    def register(self, seq: Sequence, upto: int) -> None:
+        """Cache seq's full causal pages whose KV is complete up to slot `upto`."""
+        ps = self.ps
+        last = min(upto, seq.causal_len, seq.kv_len) // ps
+        first = len(seq.hashes)
+        if first >= last:
+            return
+        prev = seq.hashes[-1] if seq.hashes else _ROOT
+        for i in range(first, last):
+            lo = i * ps
+            key = self._key(prev, seq.tokens[lo : lo + ps], seq.positions[lo : lo + ps])
+            seq.hashes.append(key)
+            prev = key
+            p = seq.pages[i]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+            elif p not in self._cached_pages:
+                self._cache[key] = p
+                self._cached_pages.add(p)
+                self.alloc.incref([p])
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        for p in self._cache.values():
+            self.alloc.decref([p])
+        self._cache.clear()
+        self._cached_pages.clear()
+
+    # ---- preemption -----------------------------------------------------------------------------
+    def freeable(self, seq: Sequence) -> int:
+        """Pages that preempting seq would free (those it alone holds)."""
+        if seq.state != RESIDENT or seq.inflight:
+            return 0
+        return sum(1 for p in seq.pages if self.alloc.refcount(p) == 1 and not self.alloc.pincount(p))
+
+    def preempt(self, seq: Sequence, swap: bool) -> None:
+        """Take seq's pages away: to host swap slots (swap) or dropped, to be recomputed on resume."""
+        assert seq.state == RESIDENT and not seq.inflight
+        self.stats.preemptions += 1
+        own = [i for i, p in enumerate(seq.pages) if self.alloc.refcount(p) == 1]
+        if swap and len(own) <= len(self._free_slots):
+            slots = [-1] * len(seq.pages)
+            for i in own:
+                s = self._free_slots.pop()
+                slots[i] = s
+                self._ops.swap_out.append((seq.pages[i], s))
+            self.alloc.decref([seq.pages[i] for i in own])
+            for i in own:
+                seq.pages[i] = -1
+            seq.swap_slots = slots
+            seq.state = SWAPPED
+            self.stats.pages_swapped_out += len(own)
+            return
+        self.stats.preempted_recompute += 1
+        self.alloc.decref(seq.pages)
+        seq.pages = []
+        seq.hashes = []
+        seq.kv_len = 0
+        seq.state = DROPPED
+
+    def resume_cost(self, seq: Sequence) -> int:
+        """Pages needed to make seq resident again."""
+        if seq.state == SWAPPED:
+            return sum(1 for p in seq.pages if p < 0)
+        return 0
+
+    def ensure_resident(self, seq: Sequence) -> bool:
+        """Swap seq's pages back in (False when memory is short). A DROPPED sequence stays so: its KV
+        is recomputed by its next pass."""
+        if seq.state != SWAPPED:
+            return True
+        assert seq.swap_slots is not None
+        holes = [i for i, p in enumerate(seq.pages) if p < 0]
+        if not self.grow_pages_for(len(holes)):
+            return False
+        fresh = self.alloc.alloc(len(holes))
+        for i, q in zip(holes, fresh, strict=True):
+            s = seq.swap_slots[i]
+            self._ops.swap_in.append((s, q))
+            self._free_slots.append(s)
+            seq.pages[i] = q
+        seq.swap_slots = None
+        seq.state = RESIDENT
+        self.stats.pages_swapped_in += len(holes)
+        return True
+
+    def grow_pages_for(self, n: int) -> bool:
+        if n > self.alloc.num_free:
+            self.evict(n - self.alloc.num_free)
+        return n <= self.alloc.num_free
+
+    # ---- page ops -------------------------------------------------------------------------------
+    def take_ops(self) -> PageOps | None:
+        """The page movements queued since the last call (None when there are none)."""
+        if not self._ops:
+            return None
+        o = self._ops
+        self._ops = _PendingOps()
+        return PageOps(
+            swap_out=np.asarray(o.swap_out, np.int32).reshape(-1, 2),
+            copy=np.asarray(o.copy, np.int32).reshape(-1, 2),
+            swap_in=np.asarray(o.swap_in, np.int32).reshape(-1, 2),
+            write=np.asarray(o.write, np.int32),
+            write_data=np.concatenate(o.write_data) if o.write_data else None,
+        )
+
+    def _require_idle(self, seq: Sequence, what: str) -> None:
+        if seq.closed:
+            raise PieError(f"cannot {what} a released context")
+        if seq.work is not None:
+            raise PieError(f"cannot {what} a context while a pass or generation runs on it; await it first")
