@@ -122,7 +122,11 @@ class FakeDriver(Driver):
             fed = rows >= 0
             prev = self.last_tokens
             b.token_ids = b.token_ids.copy()
-            b.token_ids[fed] = np.where(rows[fed] < prev.shape[0], prev[np.minimum(rows[fed], max(prev.shape[0] - 1, 0))] if prev.shape[0] else 0, 0)
+            b.token_ids[fed] = np.where(
+                rows[fed] < prev.shape[0],
+                prev[np.minimum(rows[fed], max(prev.shape[0] - 1, 0))] if prev.shape[0] else 0,
+                0,
+            )
         kv_lens, qo_lens = b.kv_lens(ps), b.qo_lens()
         req = np.repeat(np.arange(b.num_requests), qo_lens)
         slot = (kv_lens - qo_lens)[req] + np.arange(b.num_tokens) - b.qo_indptr[req]

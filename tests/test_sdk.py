@@ -4,9 +4,9 @@ real Qwen3 checkpoint run by the in-process driver on CPU (float32)."""
 import asyncio
 
 import numpy as np
-from runtime_checks import assert_all_free
 import pytest
 from fake_driver import FakeDriver, fake_next
+from runtime_checks import assert_all_free
 
 from pie.errors import DriverError, ModelError, PieError
 from pie.inferlets.loader import InferletError, load_inferlet
@@ -131,7 +131,9 @@ def test_fork_shares_full_pages_copies_the_partial_one_and_continues_identically
         child = ctx.fork()
         # full pages shared (parent, child and the prefix cache hold them); the partial one copied
         assert child.page_ids[:2] == ctx.page_ids[:2] and child.page_ids[2] != ctx.page_ids[2]
-        assert [alloc.refcount(p) for p in ctx.page_ids] == [3, 3, 1] and alloc.refcount(child.page_ids[2]) == 1
+        assert [alloc.refcount(p) for p in ctx.page_ids] == [3, 3, 1] and alloc.refcount(
+            child.page_ids[2]
+        ) == 1
         assert child.seq_len == 10 and child.buffer() == []
         a = await ctx.generate(max_tokens=4).collect_tokens()
         b = await child.generate(max_tokens=4).collect_tokens()
@@ -193,7 +195,9 @@ def test_errors_models_pages_and_inferlet_exceptions():
         e, _ = await fake_engine(num_pages=8)
         with pytest.raises(ModelError, match="no model named 'nope'; configured models: 'fake'"):
             await e.run_inferlet(unknown_model, {})
-        with pytest.raises(OutOfPagesError, match="needs 10 KV pages for 40 tokens, more than the whole cache"):
+        with pytest.raises(
+            OutOfPagesError, match="needs 10 KV pages for 40 tokens, more than the whole cache"
+        ):
             await e.run_inferlet(greedy_pages, {})
         with pytest.raises(ValueError, match="inferlet bug"):
             await e.run_inferlet(raises, {})

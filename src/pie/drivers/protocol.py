@@ -294,7 +294,9 @@ class PageOps:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.swap_out.size or self.copy.size or self.swap_in.size or self.write.size or self.read.size)
+        return not (
+            self.swap_out.size or self.copy.size or self.swap_in.size or self.write.size or self.read.size
+        )
 
     def to_wire(self) -> dict:
         return {f.name: _arr_to_wire(getattr(self, f.name)) for f in fields(self)}

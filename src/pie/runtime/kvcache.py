@@ -43,6 +43,7 @@ class Snapshot:
     positions: list[int]
     hashes: list[int]
     causal_len: int
+    kv_len: int  # tokens[:kv_len] are in the pages; the rest are computed by the first pass after open
     disk_data: np.ndarray | None = None  # [num_pages, page_nbytes] uint8 when loaded from disk, not resident
 
 
@@ -70,6 +71,28 @@ class _PendingOps:
     def __bool__(self) -> bool:
         return bool(self.swap_out or self.copy or self.swap_in or self.write)
 
+    def written_after_copies(self) -> set[int]:
+        """Device pages this group writes after its copies read them (swap_in, write)."""
+        return {p for _, p in self.swap_in} | set(self.write)
+
+    def blocks_swap_out(self, page: int, slot: int) -> bool:
+        """A swap-out runs first in a group: it must not read a page the group writes, nor write a
+        slot the group's swap-ins still read."""
+        return (
+            page in self.written_after_copies()
+            or any(d == page for _, d in self.copy)
+            or any(s == slot for s, _ in self.swap_in)
+        )
+
+    def to_ops(self) -> PageOps:
+        return PageOps(
+            swap_out=np.asarray(self.swap_out, np.int32).reshape(-1, 2),
+            copy=np.asarray(self.copy, np.int32).reshape(-1, 2),
+            swap_in=np.asarray(self.swap_in, np.int32).reshape(-1, 2),
+            write=np.asarray(self.write, np.int32),
+            write_data=np.concatenate(self.write_data) if self.write_data else None,
+        )
+
 
 class KVCache:
     def __init__(self, allocator: PageAllocator, page_size: int, num_swap_slots: int = 0) -> None:
@@ -79,7 +102,7 @@ class KVCache:
         self.snapshots: dict[str, Snapshot] = {}
         self._cache: OrderedDict[int, int] = OrderedDict()  # key -> page, oldest use first
         self._cached_pages: set[int] = set()
-        self._ops = _PendingOps()
+        self._groups: list[_PendingOps] = [_PendingOps()]
         self._free_slots = list(range(num_swap_slots - 1, -1, -1))
         self.num_swap_slots = num_swap_slots
         self._ids = itertools.count(1)
@@ -112,32 +135,32 @@ class KVCache:
         """A sequence with the same KV: full pages shared, the partial last page copied on the device."""
         self._require_idle(seq, "fork")
         child = self.new_sequence()
-        self._share_into(child, seq.pages, seq.tokens, seq.positions, seq.hashes, seq.causal_len, seq)
+        self._share_into(child, seq)
         return child
 
-    def _share_into(self, dst: Sequence, pages, tokens, positions, hashes, causal_len, src=None) -> None:
-        """dst takes the KV of (pages, tokens): full pages by reference, the partial one by a copy."""
-        n = len(tokens)
-        full = n // self.ps
-        pages = list(pages)
-        if src is not None and src.state == SWAPPED and not self.ensure_resident(src):
+    def _share_into(self, dst: Sequence, src: Sequence | Snapshot) -> None:
+        """dst takes src's KV: full pages by reference, the partial last page by a device copy.
+        Tokens past src's computed KV (after a failed pass or a preemption) are copied as tokens only:
+        dst computes them with its next pass."""
+        if isinstance(src, Sequence) and src.state == SWAPPED and not self.ensure_resident(src):
             raise PieError("out of KV pages: cannot bring a swapped-out context back to copy it; retry later")
-        if src is not None and src.state == DROPPED:  # nothing resident: the copy recomputes too
-            dst.pages, dst.kv_len, dst.state, dst.hashes = [], 0, DROPPED, []
-            dst.tokens, dst.positions, dst.causal_len = list(tokens), list(positions), causal_len
-            return
+        kv = src.kv_len if isinstance(src, Sequence) else src.kv_len
+        dst.tokens, dst.positions = list(src.tokens), list(src.positions)
+        dst.causal_len = min(src.causal_len, kv)
+        dst.state = RESIDENT
+        if isinstance(src, Sequence) and src.state == DROPPED:  # nothing resident: the copy recomputes too
+            kv = 0
+        full = kv // self.ps
+        pages = list(src.pages)
         self.alloc.incref(pages[:full])
         dst.pages = pages[:full]
-        if n % self.ps:
+        if kv % self.ps:
             q = self.alloc_pages(1)[0]
-            self._ops.copy.append((pages[full], q))
+            self._copy(pages[full], q)
             self.stats.pages_copied += 1
             dst.pages.append(q)
-        dst.tokens, dst.positions = list(tokens), list(positions)
-        dst.hashes = list(hashes[:full])
-        dst.causal_len = causal_len
-        dst.kv_len = n
-        dst.state = RESIDENT
+        dst.hashes = list(src.hashes[:full])
+        dst.kv_len = kv
 
     def truncate(self, seq: Sequence, n: int) -> None:
         """Drop the last n tokens of the KV (e.g. rejected speculative drafts)."""
@@ -159,7 +182,7 @@ class KVCache:
             last = seq.pages[-1]
             if self.alloc.is_shared(last) or self.alloc.pincount(last):
                 q = self.alloc_pages(1)[0]
-                self._ops.copy.append((last, q))
+                self._copy(last, q)
                 self.stats.pages_copied += 1
                 self.alloc.decref([last])
                 seq.pages[-1] = q
@@ -176,9 +199,15 @@ class KVCache:
                 f"a snapshot named {name!r} already exists; delete it first or pick another name"
             )
         holder = Sequence(0)
-        self._share_into(holder, seq.pages, seq.tokens, seq.positions, seq.hashes, seq.causal_len, seq)
+        self._share_into(holder, seq)
         self.snapshots[name] = Snapshot(
-            name, holder.pages, holder.tokens, holder.positions, holder.hashes, holder.causal_len
+            name,
+            holder.pages,
+            holder.tokens,
+            holder.positions,
+            holder.hashes,
+            holder.causal_len,
+            holder.kv_len,
         )
         return name
 
@@ -190,7 +219,7 @@ class KVCache:
         seq = self.new_sequence()
         if snap.disk_data is not None:
             self._load_from_disk(snap)
-        self._share_into(seq, snap.pages, snap.tokens, snap.positions, snap.hashes, snap.causal_len)
+        self._share_into(seq, snap)
         return seq
 
     def take(self, name: str) -> Sequence | None:
@@ -202,7 +231,7 @@ class KVCache:
             self._load_from_disk(snap)
         seq = self.new_sequence()
         seq.pages, seq.tokens, seq.positions = snap.pages, snap.tokens, snap.positions
-        seq.hashes, seq.causal_len, seq.kv_len = snap.hashes, snap.causal_len, len(snap.tokens)
+        seq.hashes, seq.causal_len, seq.kv_len = snap.hashes, snap.causal_len, snap.kv_len
         return seq
 
     def delete(self, name: str) -> bool:
@@ -219,8 +248,9 @@ class KVCache:
     def _load_from_disk(self, snap: Snapshot) -> None:
         assert snap.disk_data is not None
         snap.pages = self.alloc_pages(snap.disk_data.shape[0])
-        self._ops.write.extend(snap.pages)
-        self._ops.write_data.append(snap.disk_data)
+        g = self._group(reads=snap.pages)
+        g.write.extend(snap.pages)
+        g.write_data.append(snap.disk_data)
         snap.disk_data = None
 
     # ---- pages for a pass -----------------------------------------------------------------------
@@ -337,19 +367,27 @@ class KVCache:
         """Pages that preempting seq would free (those it alone holds)."""
         if seq.state != RESIDENT or seq.inflight:
             return 0
-        return sum(1 for p in seq.pages if self.alloc.refcount(p) == 1 and not self.alloc.pincount(p))
+        return sum(1 for p in seq.pages if self._sole(p))
+
+    def _sole(self, p: int) -> bool:
+        """p is held by one sequence alone (besides, maybe, the prefix cache) and no batch uses it."""
+        return self.alloc.refcount(p) - (p in self._cached_pages) == 1 and not self.alloc.pincount(p)
 
     def preempt(self, seq: Sequence, swap: bool) -> None:
         """Take seq's pages away: to host swap slots (swap) or dropped, to be recomputed on resume."""
         assert seq.state == RESIDENT and not seq.inflight
         self.stats.preemptions += 1
-        own = [i for i, p in enumerate(seq.pages) if self.alloc.refcount(p) == 1]
+        own = [i for i, p in enumerate(seq.pages) if self._sole(p)]
         if swap and len(own) <= len(self._free_slots):
             slots = [-1] * len(seq.pages)
             for i in own:
                 s = self._free_slots.pop()
                 slots[i] = s
-                self._ops.swap_out.append((seq.pages[i], s))
+                g = self._groups[-1]
+                if g.blocks_swap_out(seq.pages[i], s):
+                    g = _PendingOps()
+                    self._groups.append(g)
+                g.swap_out.append((seq.pages[i], s))
             self.alloc.decref([seq.pages[i] for i in own])
             for i in own:
                 seq.pages[i] = -1
@@ -382,7 +420,7 @@ class KVCache:
         fresh = self.alloc.alloc(len(holes))
         for i, q in zip(holes, fresh, strict=True):
             s = seq.swap_slots[i]
-            self._ops.swap_in.append((s, q))
+            self._group().swap_in.append((s, q))
             self._free_slots.append(s)
             seq.pages[i] = q
         seq.swap_slots = None
@@ -396,19 +434,28 @@ class KVCache:
         return n <= self.alloc.num_free
 
     # ---- page ops -------------------------------------------------------------------------------
-    def take_ops(self) -> PageOps | None:
-        """The page movements queued since the last call (None when there are none)."""
-        if not self._ops:
-            return None
-        o = self._ops
-        self._ops = _PendingOps()
-        return PageOps(
-            swap_out=np.asarray(o.swap_out, np.int32).reshape(-1, 2),
-            copy=np.asarray(o.copy, np.int32).reshape(-1, 2),
-            swap_in=np.asarray(o.swap_in, np.int32).reshape(-1, 2),
-            write=np.asarray(o.write, np.int32),
-            write_data=np.concatenate(o.write_data) if o.write_data else None,
-        )
+    def _group(self, reads=()) -> _PendingOps:
+        """The op group to append to: a new one when an op must see the writes of the current group
+        (its copies read before its swap-ins and writes land; see PageOps for the order)."""
+        g = self._groups[-1]
+        if reads and g.written_after_copies() & set(reads):
+            g = _PendingOps()
+            self._groups.append(g)
+        return g
+
+    def _copy(self, src: int, dst: int) -> None:
+        g = self._group(reads=[src])
+        for s, d in g.copy:  # copies of one group run at once: read a copied page from its source
+            if d == src:
+                src = s
+                break
+        g.copy.append((src, dst))
+
+    def take_ops(self) -> list[PageOps]:
+        """The page movements queued since the last call, as op sets to apply in order."""
+        groups = [g for g in self._groups if g]
+        self._groups = [_PendingOps()]
+        return [g.to_ops() for g in groups]
 
     def _require_idle(self, seq: Sequence, what: str) -> None:
         if seq.closed:

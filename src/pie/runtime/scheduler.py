@@ -92,7 +92,9 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Free a sequence; its queued work is dropped, a chunk in flight finishes first."""
         if seq.work is not None:
-            self._drop(seq.work, None)
+            self._fail(
+                seq.work, DriverError("the context was released while this pass was queued or running")
+            )
         self.seqs.pop(seq.id, None)
         self.kv.release(seq)
 
@@ -222,7 +224,7 @@ class Scheduler:
             if not self._wants(w):
                 continue
             left = max(1, w.seq.num_tokens - w.seq.kv_len)
-            (decodes if left <= DECODE_TOKENS or (w.is_generation and w.steps) else prefills).append(w)
+            (decodes if left <= DECODE_TOKENS else prefills).append(w)
         decodes.sort(key=lambda w: w.seq.last_step)  # least recently run first (fair when rows run out)
         chunks: list[Chunk] = []
         in_plan: set[int] = set()
@@ -241,7 +243,9 @@ class Scheduler:
         for w in prefills:
             if len(chunks) >= rows or budget <= 0:
                 break
-            c = self._chunk(w, budget, in_plan, may_preempt=w.started)
+            # a prefill under way may take pages from others; a new one, or one resuming from scratch
+            # after a preemption, waits for free memory (admission control, no thrashing)
+            c = self._chunk(w, budget, in_plan, may_preempt=w.started and w.seq.kv_len > 0)
             if c is None:
                 if not w.started:
                     break  # admission is FIFO: a later prompt does not overtake one waiting for memory
@@ -311,8 +315,8 @@ class Scheduler:
         else:
             a, b = np.searchsorted(w.out_slots, [lo, hi]).tolist()
             out, samp = w.out_slots[a:b], w.sorted_samplers[a:b]
-        if seq.causal_len == lo and (w.mask is None or hi <= w.base):
-            seq.causal_len = hi
+        if seq.causal_len >= lo and (w.mask is None or hi <= w.base):
+            seq.causal_len = max(seq.causal_len, hi)
         seq.kv_len = hi
         w.started = True
         in_plan.add(seq.id)
@@ -322,6 +326,12 @@ class Scheduler:
         need = self.kv.pages_needed(seq, kv_end)
         if need == 0:
             return True
+        try:
+            self._check_fits(kv_end)
+        except OutOfPagesError as e:  # this context alone outgrew the whole cache: it fails, nothing else
+            if seq.work is not None:
+                self._fail(seq.work, e)
+            return False
         if not self._make_room(need, seq, in_plan, may_preempt):
             return False
         return self.kv.grow(seq, kv_end)
@@ -381,8 +391,7 @@ class Scheduler:
             self.kv.stats.tokens_decoded += 1 if c.is_step and c.hi - c.lo == 1 else 0
         batch = build_batch(chunks, self.kv.ps)
         loop = asyncio.get_running_loop()
-        ops = self.kv.take_ops()
-        if ops is not None:
+        for ops in self.kv.take_ops():
             loop.create_task(self._page_ops(ops), name="pie-page-ops")
         task = loop.create_task(self._forward(batch), name="pie-forward")
         only_steps = all(c.is_step for c in chunks)
@@ -392,8 +401,7 @@ class Scheduler:
         """Run page operations (e.g. reads for a snapshot file) in order with the batches."""
         self.check_alive()
         loop = asyncio.get_running_loop()
-        pre = self.kv.take_ops()
-        if pre is not None:  # copies queued before (a snapshot's partial page) go first
+        for pre in self.kv.take_ops():  # copies queued before (a snapshot's partial page) go first
             loop.create_task(self._page_ops(pre), name="pie-page-ops")
         return await loop.create_task(self.driver.page_ops(ops), name="pie-page-io")
 
@@ -532,7 +540,9 @@ class Scheduler:
         if not w.failed:
             self._drop(w, err)
             if not seq.closed:
-                keep = w.base if not w.is_generation else None
+                # a pass (or a generation that sampled nothing yet) is undone; its tokens go back to the
+                # context's buffer. A generation keeps the tokens it produced: they are still to compute.
+                keep = w.base if not w.is_generation or w.done_steps == 0 else None  # type: ignore[attr-defined]
                 if rollback_to is not None:
                     seq.kv_len = min(seq.kv_len, rollback_to)
                 if keep is not None:

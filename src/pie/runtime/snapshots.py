@@ -119,6 +119,7 @@ class SnapshotStore:
             "positions": snap.positions,
             "hashes": snap.hashes,
             "causal_len": snap.causal_len,
+            "kv_len": snap.kv_len,
             "num_pages": int(data.shape[0]),
             "page_nbytes": int(data.shape[1]) if data.ndim == 2 else 0,
         }
@@ -144,7 +145,7 @@ class SnapshotStore:
         del self._on_disk[name]
         snap = Snapshot(
             name, [], list(header["tokens"]), list(header["positions"]), list(header["hashes"]),
-            int(header["causal_len"]), disk_data=data if data.shape[0] else None,
+            int(header["causal_len"]), int(header["kv_len"]), disk_data=data if data.shape[0] else None,
         )  # fmt: skip
         self.kv.add_disk_snapshot(snap)
 

@@ -121,7 +121,7 @@ class Generation:
             except BaseException:
                 if not g.finished:
                     ctx._rt.scheduler.cancel(g)
-                if g.steps == 0:
+                if g.done_steps == 0:
                     ctx._pending, ctx._pending_pos = saved
                 raise
             finally:
