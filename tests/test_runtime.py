@@ -478,7 +478,10 @@ def test_generation_stops_at_the_model_window_with_length():
             assert g.finish_reason == "length" and len(toks) == 11
             assert toks == greedy(list(range(1, 11)), 11)
             too_long = Context(Model.load()).append(list(range(25)))
-            with pytest.raises(PieError, match="outside the model's window 0..19"):
+            with pytest.raises(
+                PieError,
+                match="outside the model's window 0..19: the context would hold 25 positions, the model has 20",
+            ):
                 await too_long.flush()
             return "ok"
 

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from pie.errors import PieError
+
 PROTOCOL_VERSION = 1
 
 
-class BatchError(ValueError):
+class BatchError(PieError, ValueError):
     """A ForwardBatch that breaks the contract; the message says which field and why."""
 
 

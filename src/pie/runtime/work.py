@@ -107,10 +107,12 @@ class Work:
         if lo < 0 or hi >= vocab_size:
             raise BatchError(f"token id out of range 0..{vocab_size - 1}")
         lo, hi = _minmax(self.positions)
-        if lo < 0 or hi >= max_position:
+        if lo < 0:
+            raise BatchError(f"positions must be >= 0, got {lo}")
+        if hi >= max_position:
             raise BatchError(
-                f"position {hi if hi >= max_position else lo} is outside the model's window 0..{max_position - 1} "
-                f"(max_position_embeddings {max_position})"
+                f"this pass reaches position {hi}, outside the model's window 0..{max_position - 1}: the "
+                f"context would hold {hi + 1} positions, the model has {max_position} (max_position_embeddings)"
             )
         if self.samplers.shape != (o,):
             raise BatchError(f"need one sampler per output row ({o}), got {self.samplers.shape[0]}")
