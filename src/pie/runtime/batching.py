@@ -24,17 +24,48 @@ class Chunk:
     work: Work
     lo: int
     hi: int
-    out_slots: np.ndarray  # [k] int64 slots in [lo, hi)
-    samplers: np.ndarray  # [k] SAMPLER_DTYPE
+    out_slots: np.ndarray | None  # [k] int64 slots in [lo, hi); None: a generation step (one output, hi - 1)
+    samplers: np.ndarray  # [k] SAMPLER_DTYPE (a step: [1])
     feed: int = -1
-    pinned: list[int] | None = None  # pages pinned for this chunk (unpinned when its batch ends)
     is_step: bool = False  # a generation step (its output is the next token)
 
 
 def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
     R = len(chunks)
-    lo = np.fromiter((c.lo for c in chunks), np.int64, R)
-    hi = np.fromiter((c.hi for c in chunks), np.int64, R)
+    tokens: list[int] = []
+    positions: list[int] = []
+    pages: list[int] = []
+    his: list[int] = []
+    los: list[int] = []
+    records: list[np.ndarray] = []
+    feeds = None
+    all_steps = True
+    for c in chunks:
+        s = c.work.seq
+        lo, hi = c.lo, c.hi
+        los.append(lo)
+        his.append(hi)
+        if hi - lo == 1:  # a decode row: no slicing
+            tokens.append(s.tokens[lo])
+            positions.append(s.positions[lo])
+        else:
+            tokens += s.tokens[lo:hi]
+            positions += s.positions[lo:hi]
+        pages += s.pages[: (hi + page_size - 1) // page_size]
+        if c.feed >= 0:
+            if feeds is None:
+                feeds = []
+            feeds.append((len(tokens) - (hi - lo), c.feed))
+        if c.out_slots is None and c.samplers is c.work.samplers:  # an unseeded step: its cached record
+            rec = c.work.__dict__.get("_rec")
+            if rec is None:
+                rec = c.work.__dict__["_rec"] = c.samplers.view(_RECORD)
+            records.append(rec)
+        else:
+            records.append(c.samplers.view(_RECORD))
+            all_steps = all_steps and c.out_slots is None
+    lo = np.array(los, dtype=np.int64)
+    hi = np.array(his, dtype=np.int64)
     counts = hi - lo
     qo_indptr = np.zeros(R + 1, dtype=np.int32)
     np.cumsum(counts, out=qo_indptr[1:])
@@ -42,20 +73,6 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
     last_page_len = (hi - (num_pages - 1) * page_size).astype(np.int32)
     page_indptr = np.zeros(R + 1, dtype=np.int32)
     np.cumsum(num_pages, out=page_indptr[1:])
-
-    tokens: list[int] = []
-    positions: list[int] = []
-    pages: list[int] = []
-    feeds = None
-    for c, n in zip(chunks, num_pages.tolist(), strict=True):
-        s = c.work.seq
-        tokens += s.tokens[c.lo : c.hi]
-        positions += s.positions[c.lo : c.hi]
-        pages += s.pages[:n]
-        if c.feed >= 0:
-            if feeds is None:
-                feeds = []
-            feeds.append((len(tokens) - (c.hi - c.lo), c.feed))
     token_ids = np.array(tokens, dtype=np.int64)
     prev_rows = None
     if feeds is not None:
@@ -64,14 +81,15 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
         prev_rows[list(at)] = rows
         token_ids[list(at)] = 0  # placeholders (-1) until the device fills them
 
-    out_counts = np.fromiter((c.out_slots.shape[0] for c in chunks), np.int64, R)
-    if out_counts.sum():
-        outs = np.concatenate([c.out_slots for c in chunks]) + np.repeat(qo_indptr[:-1] - lo, out_counts)
-        raw = np.concatenate([c.samplers.view(_RECORD) for c in chunks])
-        samplers = raw.view(SAMPLER_DTYPE)
+    if all_steps:  # generation steps: one output each, the chunk's last row
+        outs = qo_indptr[1:].astype(np.int64) - 1
     else:
-        outs = np.zeros(0, np.int64)
-        samplers = np.zeros(0, SAMPLER_DTYPE)
+        out_counts = np.fromiter(
+            (1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks), np.int64, R
+        )
+        slots = [np.array([c.hi - 1]) if c.out_slots is None else c.out_slots for c in chunks]
+        outs = np.concatenate(slots).astype(np.int64) + np.repeat(qo_indptr[:-1] - lo, out_counts)
+    samplers = np.concatenate(records).view(SAMPLER_DTYPE) if records else np.zeros(0, SAMPLER_DTYPE)
 
     mask = mask_indptr = None
     if any(c.work.mask is not None for c in chunks):
@@ -111,7 +129,7 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
 def split_result(result: ForwardResult, batch: ForwardBatch, chunks: list[Chunk]) -> list[ForwardResult]:
     """Each chunk's rows of a batch result (outputs are contiguous per chunk, in chunk order)."""
     out_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum([c.out_slots.shape[0] for c in chunks], out=out_indptr[1:])
+    np.cumsum([1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks], out=out_indptr[1:])
     logit_indptr = np.concatenate([[0], np.cumsum(batch.return_logits)])[out_indptr]
 
     def rows(a, lo, hi):

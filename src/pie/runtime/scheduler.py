@@ -49,6 +49,7 @@ class _Batch:
     batch: ForwardBatch
     task: asyncio.Task
     only_steps: bool  # every chunk is a generation step: the next batch may be queued behind it
+    pinned: np.ndarray  # pages pinned by the batch
 
 
 class Scheduler:
@@ -218,20 +219,61 @@ class Scheduler:
     # ---- planning ------------------------------------------------------------------------
     def _plan(self) -> list[Chunk]:
         budget, rows = self.caps.max_batch_tokens, self.caps.max_batch_size
+        ps = self.kv.ps
+        last = self._inflight[-1].number if self._inflight else -2
+        steps: list[Generation] = []  # generation steps fed from the batch in flight (the hot path)
         decodes: list[Work] = []
         prefills: list[Work] = []
         for w in self.works:
-            if not self._wants(w):
+            if w.failed:
                 continue
-            left = max(1, w.seq.num_tokens - w.seq.kv_len)
-            (decodes if left <= DECODE_TOKENS else prefills).append(w)
-        decodes.sort(key=lambda w: w.seq.last_step)  # least recently run first (fair when rows run out)
+            seq = w.seq
+            if w.is_generation and w.steps:  # type: ignore[attr-defined]
+                g: Generation = w  # type: ignore[assignment]
+                if g.finish_reason is not None or g.error is not None or g.steps >= g.max_tokens:
+                    continue
+                ahead = g.steps - g.done_steps
+                if ahead == 1:
+                    if g.last_batch == last and seq.kv_len == len(seq.tokens) and seq.state == RESIDENT:
+                        steps.append(g)
+                    continue
+            left = len(seq.tokens) - seq.kv_len
+            if left > 0:
+                (decodes if left <= DECODE_TOKENS else prefills).append(w)
         chunks: list[Chunk] = []
         in_plan: set[int] = set()
         dec_budget, dec_rows = budget, rows
         if prefills:
             dec_budget = budget - min(PREFILL_RESERVE, budget // 2)
             dec_rows = max(1, rows - 1)
+        if len(steps) + len(decodes) > dec_rows:  # rows run out: least recently run first
+            steps.sort(key=lambda w: w.seq.last_step)
+            decodes.sort(key=lambda w: w.seq.last_step)
+        max_pos = self.max_position
+        for g in steps:
+            if len(chunks) >= dec_rows or dec_budget <= 0:
+                break
+            seq = g.seq
+            nt = len(seq.tokens)
+            pos = seq.positions[-1] + 1
+            if pos >= max_pos:
+                continue  # ends with "length" when its last step returns
+            if nt >= len(seq.pages) * ps and not self._reserve(seq, nt + 1, in_plan, True):
+                continue
+            seq.tokens.append(-1)  # filled on the device from the batch in flight, here when it returns
+            seq.positions.append(pos)
+            samp = g.samplers
+            if g.seed is not None:
+                samp = samp.copy()
+                samp["seed"] = step_seed(g.seed, g.steps)
+            g.steps += 1
+            if seq.causal_len >= nt:
+                seq.causal_len = nt + 1
+            seq.kv_len = nt + 1
+            in_plan.add(seq.id)
+            chunks.append(Chunk(g, nt, nt + 1, None, samp, g.last_row, True))
+            budget -= 1
+            dec_budget -= 1
         for w in decodes:
             if len(chunks) >= dec_rows or budget <= 0:
                 break
@@ -260,36 +302,22 @@ class Scheduler:
             return None
         seq = w.seq
         g: Generation | None = w if w.is_generation else None  # type: ignore[assignment]
-        feed = -1
-        if g is not None and g.steps and g.done_steps < g.steps:
-            # the previous step has not returned: its token goes into a placeholder slot, fed on device
-            if seq.state != RESIDENT or seq.kv_len != seq.num_tokens:
+        if seq.state == SWAPPED:
+            need = self.kv.resume_cost(seq)
+            if not self._make_room(need, seq, in_plan, may_preempt) or not self.kv.ensure_resident(seq):
                 return None
-            pos = seq.positions[-1] + 1
-            if pos >= self.max_position:
-                return None
-            if not self._reserve(seq, seq.num_tokens + 1, in_plan, may_preempt):
-                return None
-            seq.tokens.append(-1)
-            seq.positions.append(pos)
-            feed = g.last_row
-        else:
-            if seq.state == SWAPPED:
-                need = self.kv.resume_cost(seq)
-                if not self._make_room(need, seq, in_plan, may_preempt) or not self.kv.ensure_resident(seq):
-                    return None
-            if seq.state == DROPPED:
-                seq.state = RESIDENT
-            if seq.kv_len % self.kv.ps == 0:
-                # prefix cache: never past the first output row or the pass's own masked rows, and
-                # at least one token is left to compute
-                limit = seq.num_tokens - 1 - seq.kv_len
-                if w.mask is not None:
-                    limit = min(limit, w.base - seq.kv_len)
-                if g is None and w.out_slots is not None and w.out_slots.shape[0]:
-                    limit = min(limit, int(w.out_slots[0]) - seq.kv_len)
-                if limit >= self.kv.ps:
-                    self.kv.match_prefix(seq, limit)
+        if seq.state == DROPPED:
+            seq.state = RESIDENT
+        if seq.kv_len % self.kv.ps == 0:
+            # prefix cache: never past the first output row or the pass's own masked rows, and
+            # at least one token is left to compute
+            limit = seq.num_tokens - 1 - seq.kv_len
+            if w.mask is not None:
+                limit = min(limit, w.base - seq.kv_len)
+            if g is None and w.out_slots is not None and w.out_slots.shape[0]:
+                limit = min(limit, int(w.out_slots[0]) - seq.kv_len)
+            if limit >= self.kv.ps:
+                self.kv.match_prefix(seq, limit)
         lo = seq.kv_len
         n = seq.num_tokens - lo
         if n <= 0:
@@ -299,17 +327,17 @@ class Scheduler:
                 return None
             n = budget
         hi = lo + n
-        if feed < 0 and not self._reserve(seq, hi, in_plan, may_preempt):
+        if not self._reserve(seq, hi, in_plan, may_preempt):
             return None
         # outputs in [lo, hi)
         if g is not None:
             if hi == seq.num_tokens:
-                seed = -1 if g.seed is None else step_seed(g.seed, g.steps)
-                out = np.array([hi - 1], np.int64)
-                samp = g.samplers.copy()
-                samp["seed"] = seed
+                out = None  # a step: its one output is slot hi - 1
+                samp = g.samplers
+                if g.seed is not None:
+                    samp = samp.copy()
+                    samp["seed"] = step_seed(g.seed, g.steps)
                 g.steps += 1
-                g.last_row = -2  # set at launch
             else:
                 out, samp = _EMPTY_OUT, _EMPTY_SAMP
         else:
@@ -320,7 +348,7 @@ class Scheduler:
         seq.kv_len = hi
         w.started = True
         in_plan.add(seq.id)
-        return Chunk(w, lo, hi, out, samp, feed=feed, is_step=g is not None and out.shape[0] == 1)
+        return Chunk(w, lo, hi, out, samp, -1, out is None)
 
     def _reserve(self, seq: Sequence, kv_end: int, in_plan: set[int], may_preempt: bool) -> bool:
         need = self.kv.pages_needed(seq, kv_end)
@@ -375,27 +403,31 @@ class Scheduler:
         number = self.num_steps
         self.num_steps += 1
         row = 0
+        decoded = 0
         for c in chunks:
-            seq = c.work.seq
-            c.pinned = seq.pages[: -(-c.hi // self.kv.ps)]
-            self.kv.alloc.pin(c.pinned)
+            w = c.work
+            seq = w.seq
             seq.inflight += 1
             seq.last_step = number
-            c.work.inflight += 1
+            w.inflight += 1
             if c.is_step:
-                g: Generation = c.work  # type: ignore[assignment]
-                g.last_batch, g.last_row = number, row
-            row += c.out_slots.shape[0]
-            if c.feed < 0:
-                self.kv.stats.tokens_prefilled += c.hi - c.lo if c.hi - c.lo > 1 or not c.is_step else 0
-            self.kv.stats.tokens_decoded += 1 if c.is_step and c.hi - c.lo == 1 else 0
+                w.last_batch, w.last_row = number, row  # type: ignore[attr-defined]
+                row += 1
+                decoded += c.hi - c.lo == 1
+            else:
+                row += c.out_slots.shape[0]
         batch = build_batch(chunks, self.kv.ps)
+        # every page a chunk reads or writes stays pinned until the batch ends
+        pinned = batch.kv_page_indices
+        self.kv.alloc.pin(pinned)
+        self.kv.stats.tokens_decoded += decoded
+        self.kv.stats.tokens_prefilled += batch.num_tokens - decoded
         loop = asyncio.get_running_loop()
         for ops in self.kv.take_ops():
             loop.create_task(self._page_ops(ops), name="pie-page-ops")
         task = loop.create_task(self._forward(batch), name="pie-forward")
         only_steps = all(c.is_step for c in chunks)
-        self._inflight.append(_Batch(number, chunks, batch, task, only_steps))
+        self._inflight.append(_Batch(number, chunks, batch, task, only_steps, pinned))
 
     async def page_io(self, ops: PageOps) -> PageOpsResult:
         """Run page operations (e.g. reads for a snapshot file) in order with the batches."""
@@ -429,36 +461,51 @@ class Scheduler:
             err = DriverError(f"driver failed: {type(e).__name__}: {e}")
         else:
             err = None
+        self.kv.alloc.unpin(b.pinned)
         for c in b.chunks:
-            self.kv.alloc.unpin(c.pinned)
             c.work.seq.inflight -= 1
             c.work.inflight -= 1
         if err is not None:
             for c in b.chunks:
                 self._fail(c.work, err, rollback_to=c.lo)
         else:
-            for c, part in zip(b.chunks, split_result(result, b.batch, b.chunks), strict=True):
+            tokens = result.tokens.tolist()
+            logprobs = result.logprobs
+            row = 0
+            parts = None
+            for i, c in enumerate(b.chunks):
                 w = c.work
-                if w.failed or w.seq.closed:
+                if c.is_step:
+                    if not (w.failed or w.seq.closed):
+                        lp = None if logprobs is None else float(logprobs[row])
+                        self._step_done(w, c, tokens[row], lp)  # type: ignore[arg-type]
+                    row += 1
                     continue
-                if w.is_generation:
-                    self._step_done(w, c, part)  # type: ignore[arg-type]
-                else:
-                    w.parts.append(part)
-                    self.kv.register(w.seq, c.hi)
-                    if c.hi == w.end and w.inflight == 0:
-                        self._complete(w)
-                        if not w.future.done():
-                            w.future.set_result(merge_parts(w))
+                row += c.out_slots.shape[0]
+                if w.failed or w.seq.closed or w.is_generation:  # an early chunk of a first step
+                    continue
+                if parts is None:
+                    parts = split_result(result, b.batch, b.chunks)
+                w.parts.append(parts[i])
+                self.kv.register(w.seq, c.hi)
+                if c.hi == w.end and w.inflight == 0:
+                    self._complete(w)
+                    if not w.future.done():
+                        w.future.set_result(merge_parts(w))
         for c in b.chunks:  # works whose last batch just ended
             w = c.work
-            if w.inflight == 0 and (w.failed or (w.is_generation and w.finished)):
-                if w.seq.work is w:
-                    w.seq.work = None
-                if w in self.works:
-                    self.works.remove(w)
-                if w.is_generation:
-                    w.event.set()  # type: ignore[attr-defined]
+            if w.inflight == 0 and not w.retired and (w.failed or (w.is_generation and w.finished)):
+                self._retire(w)
+
+    def _retire(self, w: Work) -> None:
+        """A work that failed or finished and has no batch in flight any more leaves the scheduler."""
+        w.retired = True
+        if w.seq.work is w:
+            w.seq.work = None
+        if w in self.works:
+            self.works.remove(w)
+        if w.is_generation:
+            w.event.set()  # type: ignore[attr-defined]
 
     def cancel(self, g: Generation) -> None:
         """Stop a generation (its consumer went away); a step in flight finishes first."""
@@ -470,44 +517,50 @@ class Scheduler:
             g.event.clear()
             await g.event.wait()
 
-    def _step_done(self, g: Generation, c: Chunk, part: ForwardResult) -> None:
+    def _step_done(self, g: Generation, c: Chunk, t: int, logprob: float | None) -> None:
         seq = g.seq
-        if part.tokens.shape[0] == 0:  # an earlier chunk of the first step
-            return
-        t = int(part.tokens[0])
         g.done_steps += 1
         nxt = c.hi  # slot the sampled token goes to
-        has_slot = nxt < seq.num_tokens  # the next step was queued with a placeholder there
+        has_slot = nxt < len(seq.tokens)  # the next step was queued with a placeholder there
         if has_slot:
             seq.tokens[nxt] = t
-        if not g.finished:
+        if g.finish_reason is None and g.error is None:
             if t in g.stop_ids:
                 g.finish_reason = "stop"
                 g.stop_token = t
             else:
                 g.tokens.append(t)
-                if g.want_logprobs and part.logprobs is not None:
-                    g.logprobs.append(float(part.logprobs[0]))
+                if logprob is not None and g.want_logprobs:
+                    g.logprobs.append(logprob)
                 if g.detok is not None:
-                    start = max(0, len(g.text) - max(len(s) for s in g.stop_strings) + 1)
-                    g.text += g.detok.push([t])
-                    hits = [i for i in (g.text.find(s, start) for s in g.stop_strings) if i >= 0]
-                    if hits:
-                        g.text_cut = min(hits)
-                        g.finish_reason = "stop"
-                if not g.finished and len(g.tokens) >= g.max_tokens:
+                    self._check_stop_strings(g, t)
+                if g.finish_reason is None and (
+                    len(g.tokens) >= g.max_tokens or seq.positions[nxt - 1] + 1 >= self.max_position
+                ):
                     g.finish_reason = "length"
-                if not g.finished and seq.positions[nxt - 1] + 1 >= self.max_position:
-                    g.finish_reason = "length"
-            if g.finished and not has_slot:
-                g.final_token = t
-            elif not g.finished and not has_slot:
+            if g.finish_reason is not None:
+                if not has_slot:
+                    g.final_token = t
+            elif not has_slot:
                 seq.tokens.append(t)
                 seq.positions.append(seq.positions[-1] + 1)
-        self.kv.register(seq, c.hi)
-        if g.finished and g.inflight == 0:
-            self._complete(g)
-        g.notify()
+        if nxt >= (len(seq.hashes) + 1) * self.kv.ps:  # a page filled up: into the prefix cache
+            self.kv.register(seq, nxt)
+        if g.finish_reason is not None:
+            if g.inflight == 0:
+                self._complete(g)
+                self._retire(g)
+            g.event.set()
+        elif len(g.tokens) >= g.wake_at:
+            g.event.set()
+
+    def _check_stop_strings(self, g: Generation, t: int) -> None:
+        start = max(0, len(g.text) - max(len(s) for s in g.stop_strings) + 1)
+        g.text += g.detok.push([t])  # type: ignore[attr-defined]
+        hits = [i for i in (g.text.find(s, start) for s in g.stop_strings) if i >= 0]
+        if hits:
+            g.text_cut = min(hits)
+            g.finish_reason = "stop"
 
     def _complete(self, w: Work) -> None:
         seq = w.seq

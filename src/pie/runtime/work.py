@@ -80,6 +80,7 @@ class Work:
     chunkable: bool = True  # False when a row attends to a later row of the same pass
     inflight: int = 0  # chunks of this work in running batches
     failed: bool = False
+    retired: bool = False  # left the scheduler
     arrival: int = 0
     started: bool = False  # its first chunk has been scheduled
 
