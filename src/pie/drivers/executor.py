@@ -13,6 +13,7 @@ logits of the O output rows (fp32) -> sampling -> one host copy at the end. With
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -219,7 +220,13 @@ class ModelExecutor:
                 raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
-        """One forward pass; returns host (numpy) results for the batch's output rows.
+        """One forward pass, waited for (see launch)."""
+        return self.launch(batch)()
+
+    def launch(self, batch: ForwardBatch) -> Callable[[], ForwardResult]:
+        """Queue one forward pass on the device; returns a function that waits for it and gives the host
+        (numpy) results of the batch's output rows. The device->host copies are asynchronous (pinned), so
+        a driver can launch the next batch before waiting for this one.
 
         Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
         every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
@@ -236,7 +243,8 @@ class ModelExecutor:
                 logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
                 self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
-                return ForwardResult(tokens=np.zeros(0, dtype=np.int64))
+                empty = ForwardResult(tokens=np.zeros(0, dtype=np.int64))
+                return lambda: empty
             return self._sample(batch, logits)
 
     def _feeder(self, rows: np.ndarray, prev: torch.Tensor | None):
@@ -280,23 +288,37 @@ class ModelExecutor:
         rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [O, V] fp32
 
-    def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ForwardResult:
+    def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> Callable[[], ForwardResult]:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
         dev = self.device
         out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
         self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
         keep_rows = np.flatnonzero(batch.return_logits)
         kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
-        # single device -> host transfer point
-        return ForwardResult(
-            tokens=_np(out.tokens, np.int64),
-            logprobs=_np(out.logprobs, np.float32),
-            entropies=_np(out.entropies, np.float32),
-            logits=_np(kept, np.float32),
-            dist_ids=_np(out.dist_ids, np.int64),
-            dist_probs=_np(out.dist_probs, np.float32),
-        )
+        # the single device -> host transfer point: asynchronous copies into pinned memory, waited for
+        # by the returned function (an event, not a device-wide sync)
+        fields = {
+            "tokens": (out.tokens, np.int64),
+            "logprobs": (out.logprobs, np.float32),
+            "entropies": (out.entropies, np.float32),
+            "logits": (kept, np.float32),
+            "dist_ids": (out.dist_ids, np.int64),
+            "dist_probs": (out.dist_probs, np.float32),
+        }
+        host = {
+            k: (None if t is None else t.detach().to("cpu", non_blocking=True), dt)
+            for k, (t, dt) in fields.items()
+        }
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
 
+        def result() -> ForwardResult:
+            if event is not None:
+                event.synchronize()
+            return ForwardResult(
+                **{k: None if t is None else t.numpy().astype(dt, copy=False) for k, (t, dt) in host.items()}
+            )
 
-def _np(t: torch.Tensor | None, dtype) -> np.ndarray | None:
-    return None if t is None else t.detach().to("cpu").numpy().astype(dtype, copy=False)
+        return result

@@ -22,6 +22,8 @@ class InProcessDriver(Driver):
         self.spec = spec
         self.executor = None  # pie.drivers.executor.ModelExecutor once started
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver")
+        # waits for launched batches, so the driver thread can launch the next one meanwhile (FIFO)
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver-wait")
         self._closed = False
 
     def _build(self):
@@ -49,7 +51,8 @@ class InProcessDriver(Driver):
             raise DriverError("the driver is not running (not started, or shut down)")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self.executor.execute, batch)
+            done = await loop.run_in_executor(self._pool, self.executor.launch, batch)
+            return await loop.run_in_executor(self._waiter, done)
         except (PieError, BatchError):
             raise
         except Exception as e:  # e.g. CUDA out of memory: this batch fails, the driver stays up
@@ -62,6 +65,7 @@ class InProcessDriver(Driver):
         # wait for a batch still running, then drop the executor (weights, KV cache) on its thread
         await asyncio.get_running_loop().run_in_executor(self._pool, self._release)
         self._pool.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)
 
     def _release(self) -> None:
         self.executor = None
