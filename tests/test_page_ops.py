@@ -159,6 +159,31 @@ def test_copy_reads_every_source_before_writing():
     assert torch.equal(ex_pages[0][[1, 2, 0]], before[[0, 1, 2]]) and torch.equal(ex_pages[0][3:], before[3:])
 
 
+def test_mover_on_layers_of_different_shapes_and_dtypes(monkeypatch):
+    """Per-layer tensors may differ (head dims, KV heads, even dtype): a page's bytes concatenate them all."""
+    monkeypatch.setattr(page_mover, "STAGING_BYTES", 1000)  # < one page: one page per chunk
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        torch.randn(12, 2, 4, 2, 16, generator=gen),  # fp32, 2 heads of 16: 1024 bytes a page
+        torch.randn(12, 2, 4, 1, 8, generator=gen).to(torch.bfloat16),  # bf16, 1 head of 8: 128 bytes
+        torch.randn(12, 2, 4, 4, 4, generator=gen),  # fp32, 4 heads of 4: 512 bytes
+    ]
+    orig = [t.clone() for t in layers]
+    m = page_mover.PageMover(layers, 6, torch.device("cpu"))
+    assert m.page_nbytes == 1024 + 128 + 512 and m.offsets == [0, 1024, 1152, 1664] and m.chunk == 1
+    data = m.apply(PageOps(read=ids(3, 7))).data
+    assert data[0, 1024:1152].tobytes() == orig[1][3].contiguous().view(torch.uint8).numpy().tobytes()
+    m.apply(PageOps(swap_out=pairs(3, 5, 7, 0, 8, 1, 9, 4)))
+    for t in layers:
+        t[3:10] = 0
+    m.apply(
+        PageOps(swap_in=pairs(0, 8, 1, 9, 4, 3, 5, 2), copy=pairs(0, 7), write=ids(1), write_data=data[1:])
+    )
+    for t, o in zip(layers, orig, strict=True):
+        for dst, src in [(8, 7), (9, 8), (3, 9), (2, 3), (7, 0), (1, 7)]:
+            assert torch.equal(t[dst], o[src]), (dst, src)
+
+
 @pytest.mark.parametrize("staging_bytes", [page_mover.STAGING_BYTES, 1])  # 1: one page per chunk
 def test_swap_out_clobber_swap_in_decodes_like_never_swapped(arch_path, staging_bytes, monkeypatch):
     monkeypatch.setattr(page_mover, "STAGING_BYTES", staging_bytes)
