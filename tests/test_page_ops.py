@@ -122,6 +122,12 @@ def test_slot_runs():
     assert slot_runs(np.array([3, 4, 5, 9, 10, 12, 12])) == [(0, 3), (3, 5), (5, 6), (6, 7)]
 
 
+def test_word_is_the_widest_that_divides_every_layer():
+    assert page_mover.word_for([1024, 128, 512]) == (8, torch.int64)
+    assert page_mover.word_for([16, 6]) == (2, torch.int16)
+    assert page_mover.word_for([3, 8]) == (1, torch.uint8)
+
+
 # ---- ModelExecutor -----------------------------------------------------------------------------------
 
 
@@ -171,6 +177,7 @@ def test_mover_on_layers_of_different_shapes_and_dtypes(monkeypatch):
     orig = [t.clone() for t in layers]
     m = page_mover.PageMover(layers, 6, torch.device("cpu"))
     assert m.page_nbytes == 1024 + 128 + 512 and m.offsets == [0, 1024, 1152, 1664] and m.chunk == 1
+    assert m.word == 8 and m.word_offsets == [0, 128, 144, 208]
     data = m.apply(PageOps(read=ids(3, 7))).data
     assert data[0, 1024:1152].tobytes() == orig[1][3].contiguous().view(torch.uint8).numpy().tobytes()
     m.apply(PageOps(swap_out=pairs(3, 5, 7, 0, 8, 1, 9, 4)))
