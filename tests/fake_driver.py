@@ -74,12 +74,17 @@ class FakeDriver(Driver):
         self.swap_pos = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
         self.batches: list[ForwardBatch] = []
         self.page_op_log: list[PageOps] = []
-        self._order = asyncio.Lock()  # FIFO: effects happen in submission order, one at a time
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}  # see _order
         self.gate: asyncio.Event | None = None  # when set to an unset Event, forward waits on it
         self.fail_if: Callable[[ForwardBatch], Exception | None] | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.started = self.stopped = False
+
+    def _order(self) -> asyncio.Lock:
+        """FIFO lock (one per event loop, so a driver may serve several asyncio.run calls): forward passes
+        and page ops take effect one at a time, in submission order."""
+        return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
     async def start(self) -> Capabilities:
         self.started = True
@@ -95,7 +100,7 @@ class FakeDriver(Driver):
         try:
             batch.validate(self.caps.page_size, self.caps.num_pages, self.caps.vocab_size)
             self.batches.append(batch)
-            async with self._order:
+            async with self._order():
                 if self.gate is not None:
                     await self.gate.wait()
                 await asyncio.sleep(0)
@@ -110,7 +115,7 @@ class FakeDriver(Driver):
         c = self.caps
         ops.validate(c.num_pages, c.num_swap_slots, c.page_nbytes)
         self.page_op_log.append(ops)
-        async with self._order:
+        async with self._order():
             await asyncio.sleep(0)
             return self._apply(ops)
 
