@@ -74,6 +74,7 @@ class FakeDriver(Driver):
         self.swap_pos = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
         self.batches: list[ForwardBatch] = []
         self.page_op_log: list[PageOps] = []
+        self.fail_page_ops_if: Callable[[PageOps], Exception | None] | None = None
         self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}  # see _order
         self.gate: asyncio.Event | None = None  # when set to an unset Event, forward waits on it
         self.fail_if: Callable[[ForwardBatch], Exception | None] | None = None
@@ -117,6 +118,9 @@ class FakeDriver(Driver):
         self.page_op_log.append(ops)
         async with self._order():
             await asyncio.sleep(0)
+            err = self.fail_page_ops_if(ops) if self.fail_page_ops_if else None
+            if err is not None:
+                raise err
             return self._apply(ops)
 
     def _apply(self, ops: PageOps) -> PageOpsResult:

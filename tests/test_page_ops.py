@@ -422,6 +422,10 @@ def test_fake_driver_page_ops():
         with pytest.raises(BatchError, match="not a valid host swap slot"):
             await d.page_ops(PageOps(swap_out=pairs(0, 4)))
         assert len(d.page_op_log) == 5
+        d.fail_page_ops_if = lambda ops: DriverError("swap failed") if len(ops.swap_out) else None
+        with pytest.raises(DriverError, match="swap failed"):
+            await d.page_ops(PageOps(swap_out=pairs(0, 0)))
+        assert (await d.page_ops(PageOps(read=ids(0)))).data.shape == (1, 64)
 
     run(main())
 
