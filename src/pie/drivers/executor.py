@@ -8,6 +8,9 @@ Execute: validate -> AttentionMetadata -> backend.plan -> model.forward over all
 logits of the O output rows (fp32) -> sampling -> one host copy at the end. With spec.cuda_graphs on CUDA
 (FlashInfer attention), pure decode batches replay a captured graph instead of the eager forward
 (pie.drivers.cuda_graphs); the KV cache then has one scratch page beyond the num_pages it reports.
+
+Page ops: `page_ops(PageOps)` copies, swaps (host pool of spec.swap_slots pages), reads and writes whole KV
+pages through pie.drivers.page_mover, on the same stream as forward passes.
 """
 
 from __future__ import annotations
@@ -20,8 +23,18 @@ import torch
 
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
+from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, page_bytes, plan_num_pages
-from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.page_mover import PageMover
+from pie.drivers.protocol import (
+    PROTOCOL_VERSION,
+    BatchError,
+    Capabilities,
+    ForwardBatch,
+    ForwardResult,
+    PageOps,
+    PageOpsResult,
+)
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
@@ -142,6 +155,9 @@ class ModelExecutor:
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
         self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views [num_pages, 2, ps, Hkv, D]
+        self.page_mover = PageMover(self.kv_caches, spec.swap_slots, self.device)
+        weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
+        self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, self.kv_caches)
         self.backend = create_backend(
             spec.attention_backend,
             num_qo_heads=cfg.num_heads,
@@ -181,6 +197,9 @@ class ModelExecutor:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             num_layers=cfg.num_layers,
+            num_swap_slots=self.page_mover.num_swap_slots,
+            page_nbytes=self.page_mover.page_nbytes,
+            kv_fingerprint=self.kv_fingerprint,
             extra={
                 "attention_backend": self.backend.name,
                 "max_position_embeddings": cfg.max_position_embeddings,
@@ -271,6 +290,16 @@ class ModelExecutor:
             ids.index_copy_(0, at_t, torch.where(ok_t, prev.index_select(0, src_t), 0).to(ids.dtype))
 
         return fill
+
+    def page_ops(self, ops: PageOps) -> PageOpsResult:
+        """Apply KV page movements (order and byte layout: protocol.PageOps); BatchError for bad ops.
+
+        Serialized with `execute` by the caller (one thread), and enqueued on the same stream, so a forward
+        pass after it sees the moved pages."""
+        mover = self.page_mover
+        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes)
+        with torch.inference_mode():
+            return mover.apply(ops)
 
     def _forward_eager(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""

@@ -1,7 +1,7 @@
 """A driver that runs the ModelExecutor in this process, on one worker thread.
 
-The executor is built and every batch executed on the same single thread (FIFO), so forward
-calls run in submission order and the event loop stays free to schedule the next batch while
+The executor is built and every batch and page movement executed on the same single thread (FIFO),
+so forward and page_ops calls run in submission order and the event loop stays free to schedule the next batch while
 torch works (torch releases the GIL inside its kernels).
 """
 
@@ -12,7 +12,7 @@ import gc
 from concurrent.futures import ThreadPoolExecutor
 
 from pie.drivers.base import Driver
-from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError, PieError
 
@@ -58,6 +58,17 @@ class InProcessDriver(Driver):
         except Exception as e:  # e.g. CUDA out of memory: this batch fails, the driver stays up
             raise DriverError(f"forward pass failed: {type(e).__name__}: {e}") from e
 
+    async def page_ops(self, ops: PageOps) -> PageOpsResult:
+        if self.executor is None or self._closed:
+            raise DriverError("the driver is not running (not started, or shut down)")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self.executor.page_ops, ops)
+        except (PieError, BatchError):
+            raise
+        except Exception as e:
+            raise DriverError(f"page ops failed: {type(e).__name__}: {e}") from e
+
     async def shutdown(self) -> None:
         if self._closed:
             return
@@ -68,6 +79,9 @@ class InProcessDriver(Driver):
         self._waiter.shutdown(wait=True)
 
     def _release(self) -> None:
+        mover = getattr(self.executor, "page_mover", None)
+        if mover is not None:
+            mover.close()  # unpin the swap pool while CUDA is certainly up
         self.executor = None
         gc.collect()
         try:
