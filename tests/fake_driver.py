@@ -157,10 +157,6 @@ class FakeDriver(Driver):
             b.token_ids = b.token_ids.copy()
             b.token_ids[fed] = 0  # past the previous result (or after a failed batch): token 0
             b.token_ids[ok] = prev[rows[ok]]
-                rows[fed] < prev.shape[0],
-                prev[np.minimum(rows[fed], max(prev.shape[0] - 1, 0))] if prev.shape[0] else 0,
-                0,
-            )
         kv_lens, qo_lens = b.kv_lens(ps), b.qo_lens()
         req = np.repeat(np.arange(b.num_requests), qo_lens)
         slot = (kv_lens - qo_lens)[req] + np.arange(b.num_tokens) - b.qo_indptr[req]
