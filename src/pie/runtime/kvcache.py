@@ -249,6 +249,9 @@ class KVCache:
         assert snap.disk_data is not None
         snap.pages = self.alloc_pages(snap.disk_data.shape[0])
         g = self._group(reads=snap.pages)
+        if g.written_after_copies() & set(snap.pages):
+            g = _PendingOps()
+            self._groups.append(g)
         g.write.extend(snap.pages)
         g.write_data.append(snap.disk_data)
         snap.disk_data = None
@@ -420,7 +423,11 @@ class KVCache:
         fresh = self.alloc.alloc(len(holes))
         for i, q in zip(holes, fresh, strict=True):
             s = seq.swap_slots[i]
-            self._group().swap_in.append((s, q))
+            g = self._groups[-1]
+            if q in g.written_after_copies():
+                g = _PendingOps()
+                self._groups.append(g)
+            g.swap_in.append((s, q))
             self._free_slots.append(s)
             seq.pages[i] = q
         seq.swap_slots = None
@@ -445,6 +452,9 @@ class KVCache:
 
     def _copy(self, src: int, dst: int) -> None:
         g = self._group(reads=[src])
+        if any(d == dst for _, d in g.copy):  # dst was freed and handed out again: copy after the first
+            g = _PendingOps()
+            self._groups.append(g)
         for s, d in g.copy:  # copies of one group run at once: read a copied page from its source
             if d == src:
                 src = s
