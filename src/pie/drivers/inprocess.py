@@ -26,6 +26,14 @@ class InProcessDriver(Driver):
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver-wait")
         self._closed = False
 
+    @classmethod
+    def from_executor(cls, executor) -> InProcessDriver:
+        """A started driver over an executor built elsewhere (pie bench --e2e shares its executor)."""
+        d = cls(executor.spec)
+        d.executor = executor
+        d.capabilities = executor.capabilities
+        return d
+
     def _build(self):
         from pie.drivers.executor import ModelExecutor
 

@@ -32,7 +32,9 @@ import numpy as np
 
 from pie.errors import PieError
 
-PROTOCOL_VERSION = 3  # 2: PageOps, Capabilities.num_swap_slots / page_nbytes / kv_fingerprint; 3: prev_token_rows
+PROTOCOL_VERSION = (
+    3  # 2: PageOps, Capabilities.num_swap_slots / page_nbytes / kv_fingerprint; 3: prev_token_rows
+)
 
 
 class BatchError(PieError, ValueError):
@@ -396,4 +398,3 @@ def make_batch(
         mask=mask,
         mask_indptr=mask_indptr,
     )
-

@@ -98,8 +98,12 @@ class PageAllocator:
 
     def pin(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.size:
+        if ids.size > 32:
             np.add.at(self._pins, ids, 1)
+        else:  # small batches: numpy's ufunc.at costs more than the loop
+            pins = self._pins
+            for p in ids.tolist():
+                pins[p] += 1
 
     def unpin(self, ids) -> None:
         self._drop(self._pins, ids, "unpin")
@@ -108,14 +112,20 @@ class PageAllocator:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
-        if ids.size == 1:  # the common case (one page of a decode step): no numpy set operations
-            p = int(ids[0])
-            if counts[p] < 1:
-                raise ValueError(f"{what} below zero for page {p} (double free)")
-            counts[p] -= 1
-            if self._refs[p] == 0 and self._pins[p] == 0:
-                self._free.append(p)
-            return
+        if ids.size <= 32:  # small (a decode step's pages): a loop beats numpy's set operations
+            lst = ids.tolist()
+            if len(set(lst)) == len(lst):
+                refs, pins = self._refs, self._pins
+                if any(counts[p] < 1 for p in lst):
+                    bad = [p for p in lst if counts[p] < 1]
+                    raise ValueError(f"{what} below zero for page(s) {bad} (double free)")
+                freed = []
+                for p in lst:
+                    counts[p] -= 1
+                    if refs[p] == 0 and pins[p] == 0:
+                        freed.append(p)
+                self._free.extend(freed[::-1])
+                return
         uniq, n = np.unique(ids, return_counts=True)
         if np.any(counts[uniq] < n):
             bad = uniq[counts[uniq] < n]
