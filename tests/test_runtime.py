@@ -13,7 +13,7 @@ from pie.drivers.protocol import ForwardBatch
 from pie.errors import PieError
 from pie.runtime.engine import Engine
 from pie.runtime.kvcache import SnapshotError
-from pie.sdk import Context, Model, Sampler
+from pie.sdk import Context, Model, Sampler, runtime
 
 
 def run(coro, timeout=20):
@@ -498,6 +498,7 @@ def test_stats_report_steps_prefill_reuse_and_pages():
         async def inferlet(_):
             ctx = Context(Model.load()).append(list(range(1, 10)))
             await ctx.generate(max_tokens=3).collect_tokens()
+            assert runtime.stats()["tokens_prefilled"] == 9 and runtime.models() == ["fake"]
             return "ok"
 
         await e.run_inferlet(inferlet, {})
