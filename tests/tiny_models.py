@@ -104,8 +104,8 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
             "original_max_position_embeddings": 64,
         }
     kw = {**common, "rope_parameters": rope}
-    if arch in FAMILY_ARCHS:
-        common = {k: v for k, v in common.items() if k != "num_hidden_layers"}
+    if arch in FAMILY_ARCHS:  # overrides reach the text config (e.g. FlashInfer-sized heads on the GPU)
+        common = {k: v for k, v in {**common, **overrides}.items() if k != "num_hidden_layers"}
         return _family_config(arch, common)
     if arch in ("llama", "llama3_scaled", "llama_tied"):
         cls, kw = tf.LlamaConfig, {**kw, "tie_word_embeddings": arch == "llama_tied"}

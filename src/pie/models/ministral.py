@@ -23,12 +23,11 @@ def ministral_config(d: dict) -> ModelConfig:
     default = ["sliding" if d.get("sliding_window") is not None else "full"] * n
     kinds = layer_kinds(d, n, default)
     rope = parse_rope(rope_dicts(d)[""], c["max_position_embeddings"], f"{model_type} rope")
-    bias = bool(d.get("attention_bias", False))
     return ModelConfig(
         **c,
         rope=rope,
-        has_qkv_bias=bias,
-        has_o_bias=bias,
+        has_qkv_bias=False,  # transformers' MinistralAttention: never a bias, whatever attention_bias says
+        has_o_bias=False,
         has_qk_norm=False,
         layers=build_layers(
             c, kinds, {"": rope}, window=window_of(d, model_type) if "sliding" in kinds else None
