@@ -19,6 +19,7 @@ from test_parity_hf import PagedSeqs, assert_close, hf_logits, hf_model, make_ex
 from tiny_models import FAMILY_ARCHS, LEGACY_ARCHS, WINDOW, make_tiny_checkpoint
 
 from pie.drivers.protocol import make_batch
+from pie.models.hub import inspect_dir
 from pie.models.config import read_model_config
 from pie.models.weights import dequantize_fp8
 
@@ -112,6 +113,8 @@ def test_multimodal_wrapper_loads_text_tower(tiny_checkpoint, arch, vision):
     ex = make_executor(path, 4)
     names = {n for n, _ in ex.model.named_parameters()}
     assert not any(vision in n or "projector" in n for n in names)
+    row = inspect_dir(arch, "local", path)  # `pie model list` marks the wrapper supported
+    assert row.supported and row.model_type == arch and row.drivers
 
 
 def _fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
