@@ -19,8 +19,8 @@ from test_parity_hf import PagedSeqs, assert_close, hf_logits, hf_model, make_ex
 from tiny_models import FAMILY_ARCHS, LEGACY_ARCHS, WINDOW, make_tiny_checkpoint
 
 from pie.drivers.protocol import make_batch
-from pie.models.hub import inspect_dir
 from pie.models.config import read_model_config
+from pie.models.hub import inspect_dir
 from pie.models.weights import dequantize_fp8
 
 ALL = FAMILY_ARCHS + LEGACY_ARCHS
