@@ -91,3 +91,45 @@ def test_family_graph_decode_matches_eager(fam, arch):
         assert_same_logits(got.logits, want.logits, f"{arch} step {step}")
         last = [int(t) for t in want.tokens]
     assert graphed.graphs.stats.replays == 12 and graphed.graphs.stats.disabled is None
+
+
+# ---- real shapes (the bundled bench configs, fewer layers), random weights ------------------------------
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-3-1b", "olmo-3-7b", "ministral-8b", "ministral-3-8b"])
+def test_real_shape_family_bf16_matches_hf_fp32(tmp_path, name):
+    """A bundled config's real head dims, heads and rope, cut to 4 layers (2 of each kind where the family
+    has two) with the window shortened to 64 so prompts of up to 200 tokens cross it; transformers' own
+    random init (std 0.02, so logits are small: the top-1 rule applies only where the margin is clear)."""
+    import json
+
+    import transformers
+
+    from pie.bench import load_model_config
+
+    cfg, _ = load_model_config(name)
+    cfg = dict(cfg, num_hidden_layers=4)
+    if cfg.get("layer_types"):
+        kinds = sorted(set(cfg["layer_types"]))
+        cfg["layer_types"] = (kinds * 2)[:4] if len(kinds) == 2 else cfg["layer_types"][:4]
+    if cfg.get("sliding_window"):
+        cfg["sliding_window"] = 64
+    if cfg.get("sliding_window_pattern"):
+        cfg["sliding_window_pattern"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    model = hf_model_class(hf_cfg).from_config(hf_cfg, dtype=torch.float32)
+    model.save_pretrained(str(tmp_path))
+    model = model.to("cuda:0").eval()
+    ex = _cuda_executor(tmp_path, False, ps=16, num_pages=128)
+    seqs, rng = Seqs(ex.num_pages, 16, seed=1), np.random.default_rng(3)
+    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (7, 90, 200)]
+    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], 16)
+    res = ex.execute(batch)
+    for i, (p, ours) in enumerate(zip(prompts, np.split(res.logits, batch.qo_indptr[1:-1]), strict=True)):
+        with torch.no_grad():
+            ref = model(torch.tensor([p], device="cuda:0")).logits[0].float().cpu().numpy()
+        assert_logits_close(ours, ref, f"{name} real shape seq {i}")
