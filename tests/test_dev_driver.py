@@ -475,3 +475,40 @@ if __name__ == "__main__":
     for label, batch in [("1 request, 1 token", None), ("decode, 256 requests", decode_batch(256))]:
         med, p90 = asyncio.run(measure_round_trip(n, batch))
         print(f"dev driver round trip ({label}): median {med * 1e6:.0f} us, p90 {p90 * 1e6:.0f} us")
+
+
+def test_unactivated_venv_of_pie_is_the_active_venv(tmp_path, monkeypatch):
+    """`venv/bin/pie` without `activate` (or pipx): pie's own venv wins over python3 on PATH."""
+    path_py = fake_python(tmp_path / "path/python3")
+    monkeypatch.setenv("PATH", str(path_py.parent))
+    venv = tmp_path / "venv"
+    own = fake_python(venv / "bin/python")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "executable", str(own))
+    assert interpreter.resolve_python() == (str(own), "pie's own virtualenv")
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "active"))  # an activated venv still wins
+    active = fake_python(tmp_path / "active/bin/python")
+    assert interpreter.resolve_python() == (str(active), "VIRTUAL_ENV")
+    monkeypatch.delenv("VIRTUAL_ENV")
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix)  # outside any venv: python3 on PATH
+    assert interpreter.resolve_python() == (str(path_py), "python3 on PATH")
+
+
+def test_interpreter_without_pie_dependencies_says_which_and_how_to_choose(tmp_path):
+    bare = tmp_path / "bare/python3"
+    bare.parent.mkdir()
+    bare.write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo \"ModuleNotFoundError: No module named 'msgpack'\" >&2\nexit 1\n"
+    )
+    bare.chmod(0o755)
+
+    async def main():
+        d = DevDriver(SPEC, python=str(bare))
+        with pytest.raises(DriverError) as e:
+            await d.start()
+        return str(e.value)
+
+    msg = run(main())
+    assert f"{bare} cannot import 'msgpack'" in msg
+    assert "pie driver dev set venv PATH" in msg and "PIE_PYTHON" in msg

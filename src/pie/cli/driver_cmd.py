@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         help="the dev driver's interpreter: install, set, show, doctor",
         description="The dev driver runs under the first interpreter found in this order: the model's "
         "`venv`/`python` option, the `pie driver dev set` setting ($PIE_HOME/dev-driver.toml), $PIE_PYTHON, "
-        "the active virtualenv ($VIRTUAL_ENV), python3 on PATH.",
+        "the active virtualenv ($VIRTUAL_ENV, else the one pie runs in), python3 on PATH.",
     )
     dev.set_defaults(func=lambda args: _usage(dev))
     sub = dev.add_subparsers(dest="dev_command", metavar="SUBCOMMAND")

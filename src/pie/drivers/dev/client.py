@@ -24,7 +24,7 @@ import sys
 
 from pie.drivers.base import Driver
 from pie.drivers.dev import wire
-from pie.drivers.dev.interpreter import child_env, resolve_python
+from pie.drivers.dev.interpreter import child_env, choose_another_hint, missing_module, resolve_python
 from pie.drivers.dev.server import DEFAULT_EXECUTOR
 from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
 from pie.drivers.spec import ExecutorSpec
@@ -338,7 +338,16 @@ class DevDriver(Driver):
         suffix = ""
         if status and self.proc is not None and self.proc.returncode is not None and "status" not in what:
             suffix = f" ({describe_status(self.proc.returncode)})"
+        hint = ""
+        module = missing_module("\n".join(self.tail.lines) + self.tail._partial)
+        if module is not None:
+            # The usual first-run failure: an interpreter without pie's dependencies.
+            hint = (
+                f"\n  {self.interpreter} cannot import {module!r}, which pie's dev driver needs: install "
+                f"pie's dependencies there (`pie driver dev doctor --python {self.interpreter}` prints the "
+                f"command), or {choose_another_hint()}"
+            )
         return (
             f"dev driver {what}{suffix}\n"
-            f"  interpreter: {self.interpreter} (chosen by {self.interpreter_rule})\n{self.tail.text()}"
+            f"  interpreter: {self.interpreter} (chosen by {self.interpreter_rule}){hint}\n{self.tail.text()}"
         )
