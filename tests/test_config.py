@@ -309,3 +309,19 @@ def test_set_driver_type_drops_other_driver_options(tmp_path: Path) -> None:
 def test_set_on_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pie config init"):
         set_value(tmp_path / "none.toml", "model.name", "x")
+
+
+def test_dev_timeouts_come_from_the_config() -> None:
+    from pie.drivers.factory import create_driver
+
+    cfg = parse(
+        '[[model]]\nhf_repo = "pie/embedded-default"\n[model.driver]\ntype = "dev"\n'
+        "[model.driver.options]\nready_timeout_s = 7\nshutdown_timeout_s = 0.25\nheartbeat_timeout_s = 3\n"
+    )
+    driver = create_driver(cfg.default_model)
+    assert (driver.ready_timeout_s, driver.shutdown_timeout_s, driver.heartbeat_timeout_s) == (7.0, 0.25, 3.0)
+    defaults = create_driver(parse('[[model]]\n[model.driver]\ntype = "dev"\n').default_model)
+    assert (defaults.ready_timeout_s, defaults.shutdown_timeout_s) == (600.0, 5.0)
+    assert "must be > 0" in error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nshutdown_timeout_s = 0\n'
+    )

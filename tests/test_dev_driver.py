@@ -224,11 +224,115 @@ def test_shutdown_kills_a_child_that_does_not_answer():
         t0 = time.monotonic()
         await d.shutdown()
         assert time.monotonic() - t0 < 3
+        assert d.proc.returncode == -signal.SIGTERM  # SIGTERM first; it was not stopped
+        with pytest.raises(DriverError, match="shut down"):
+            await busy
+
+    run(main())
+
+
+# ---- a wedged child (SIGSTOP) --------------------------------------------------------------------
+
+
+def test_stopped_child_fails_the_forward_in_flight_and_is_reaped():
+    async def main():
+        d = stub_driver(heartbeat_timeout_s=1.0)
+        await d.start()
+        busy = asyncio.create_task(d.forward(make_batch([one([SLEEP_TOKEN], start=30_000)], 16)))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        with pytest.raises(DriverError, match=r"stopped answering: no heartbeat for \d+\.\d s"):
+            await busy
+        assert 0.5 <= time.monotonic() - t0 < 5  # the last beat may precede the stop by 1/4 timeout
+        assert d.proc.returncode == -signal.SIGKILL  # reaped, not left stopped
+        with pytest.raises(DriverError, match="stopped answering"):
+            await d.forward(make_batch([one([1])], 16))
+        await d.shutdown()
+
+    run(main())
+
+
+def test_a_long_batch_keeps_beating():
+    """No false positive: a forward 3x longer than the heartbeat timeout succeeds."""
+
+    async def main():
+        d = stub_driver(heartbeat_timeout_s=0.5)
+        await d.start()
+        res = await d.forward(make_batch([one([SLEEP_TOKEN], start=1_500)], 16))
+        assert int(res.tokens[0]) == SLEEP_TOKEN + 1
+        await d.shutdown()
+        assert d.proc.returncode == 0
+
+    run(main())
+
+
+def test_shutdown_of_a_stopped_child_honours_the_timeout_and_reaps_it():
+    async def main():
+        d = stub_driver(shutdown_timeout_s=0.5, heartbeat_timeout_s=600)
+        await d.start()
+        busy = asyncio.create_task(d.forward(make_batch([one([SLEEP_TOKEN], start=30_000)], 16)))
+        await asyncio.sleep(0.2)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await d.shutdown()
+        assert 0.5 <= time.monotonic() - t0 < 3  # 0.5 s asked, SIGTERM stays pending, 1 s, SIGKILL
         assert d.proc.returncode == -signal.SIGKILL
         with pytest.raises(DriverError, match="shut down"):
             await busy
 
     run(main())
+
+
+def test_stopped_during_load_is_reported_as_wedged():
+    async def main():
+        d = stub_driver("never_ready", heartbeat_timeout_s=1.0, ready_timeout_s=60)
+        task = asyncio.create_task(d.start())
+        while d.proc is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        with pytest.raises(DriverError, match="stopped answering"):
+            await task
+        assert d.proc.returncode == -signal.SIGKILL
+
+    run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_stopped_child_dies_with_its_parent(tmp_path):
+    """The second Ctrl-C case: pie dies mid-shutdown; the stopped driver must not be left behind."""
+    import subprocess
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, os, signal, sys\n"
+        "from test_dev_driver import stub_driver\n"
+        "async def main():\n"
+        "    d = stub_driver(heartbeat_timeout_s=600)\n"
+        "    await d.start()\n"
+        "    os.kill(d.proc.pid, signal.SIGSTOP)\n"
+        "    print(d.proc.pid, flush=True)\n"
+        "    os._exit(1)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    child = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        state = (
+            Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+            if Path(f"/proc/{child}/stat").exists()
+            else "X"
+        )
+        if state in ("Z", "X"):  # a zombie waiting for init to reap it is dead
+            break
+        time.sleep(0.05)
+    else:
+        if Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"dev driver child {child} outlived its parent")
 
 
 def test_missing_interpreter_and_forward_before_start():

@@ -98,6 +98,18 @@ class DevOptions:
     cpu_mem_budget_in_gb: float = opt(
         0.0, "pinned host pool for KV swap, in GiB; 0 disables swap", ge=0, unimplemented=_positive
     )
+    ready_timeout_s: float = opt(
+        600.0, "seconds the driver process may take to load the model and answer ready", gt=0
+    )
+    shutdown_timeout_s: float = opt(
+        5.0, "seconds the driver process may take to exit when asked; then SIGTERM, then SIGKILL", gt=0
+    )
+    heartbeat_timeout_s: float = opt(
+        30.0,
+        "seconds without a heartbeat from the driver process (a thread beside the model: long batches "
+        "keep beating) before it counts as wedged, is killed, and its passes fail",
+        gt=0,
+    )
 
 
 OPTIONS_BY_TYPE: dict[str, type] = {"cuda_native": CudaNativeOptions, "dev": DevOptions}

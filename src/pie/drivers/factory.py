@@ -62,4 +62,11 @@ def create_driver(entry: ModelEntry, in_process: bool = False) -> Driver:
         )
     from pie.drivers.dev.client import DevDriver
 
-    return DevDriver(spec, python=o.python, venv=o.venv, ready_timeout_s=600, shutdown_timeout_s=5)
+    return DevDriver(
+        spec,
+        python=o.python,
+        venv=o.venv,
+        ready_timeout_s=o.ready_timeout_s,
+        shutdown_timeout_s=o.shutdown_timeout_s,
+        heartbeat_timeout_s=o.heartbeat_timeout_s,
+    )
