@@ -223,3 +223,49 @@ def test_unsupported_model_type_fails_before_a_driver_starts(tmp_path):
         ModelError, match="'gpt2' is not supported; supported types: llama, mistral, qwen2, qwen3"
     ):
         create_driver(entry)
+
+
+def test_run_with_a_stopped_dev_driver_fails_and_leaves_no_process(tiny_config, tmp_path):
+    """SIGSTOP on the dev child: `pie run` fails with a DriverError after heartbeat_timeout_s, no hang."""
+    import signal
+    import time
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(tiny_config.read_text() + "heartbeat_timeout_s = 1\nshutdown_timeout_s = 0.5\n")
+    forever = tmp_path / "forever.py"
+    forever.write_text(
+        "from pie.sdk import Context, Model, Sampler\n"
+        "async def main(input):\n"
+        "    while True:\n"
+        "        async with Context(Model.load()) as ctx:\n"
+        "            ctx.user('hello').cue()\n"
+        "            await ctx.generate(Sampler.argmax(), max_tokens=8).collect_text()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pie", "run", "-c", str(cfg), str(forever)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        child = None
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline and p.poll() is None:
+            kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.2)
+        assert child is not None, "the dev driver child never started"
+        time.sleep(3)  # let it load and start generating
+        os.kill(child, signal.SIGSTOP)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and out == ""
+    assert "dev driver stopped answering: no heartbeat for" in err and "Traceback" not in err
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
+    )

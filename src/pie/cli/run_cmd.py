@@ -153,6 +153,13 @@ async def _run(config, main, input: dict, model: str | None, in_process: bool) -
             return await engine.run_inferlet(main, input, model=model)
         except PieError:
             raise
+        except asyncio.CancelledError:  # the first Ctrl-C: asyncio.run cancels us
+            print(
+                "pie: interrupted; stopping the engine (a batch in flight finishes first; "
+                "Ctrl-C again quits now, the driver process dies with pie)",
+                file=sys.stderr,
+            )
+            raise
         except Exception as e:  # the inferlet's own bug: its message and where, not our internals
             print(f"error: inferlet failed: {type(e).__name__}: {e}", file=sys.stderr)
             print(_where(e), file=sys.stderr)
