@@ -187,6 +187,7 @@ def test_factory_maps_config_options_to_the_executor_spec(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text((embedded_model_dir() / "config.json").read_text())
+    (model / "model.safetensors").symlink_to(embedded_model_dir() / "model.safetensors")
     opts = CudaNativeOptions(kv_page_size=64, max_num_kv_pages=77, gpu_mem_utilization=0.5, max_batch_size=9)
     entry = ModelEntry("a", str(model), DriverConfig("cuda_native", ["cuda:1"], 1, "bfloat16", opts))
     spec = executor_spec(entry)

@@ -13,7 +13,7 @@ from pie.errors import ConfigError
 
 
 def executor_spec(entry: ModelEntry) -> ExecutorSpec:
-    from pie.models.config import read_model_config
+    from pie.models.check import check_model_dir
     from pie.models.hub import resolve_model_dir
 
     d, o = entry.driver, entry.driver.options
@@ -23,8 +23,9 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
             "set tensor_parallel_size = 1 and a single device"
         )
     model_path = resolve_model_dir(entry.hf_repo)
-    # Fail here, before a driver process starts, on a checkpoint the executor would reject.
-    read_model_config(model_path)
+    # Fail here, before a driver process starts, on a checkpoint the executor would reject
+    # (config normalization, safetensors headers; the tokenizer is the engine's).
+    check_model_dir(model_path, tokenizer=False)
     common = dict(
         model_path=str(model_path),
         device=d.device[0],

@@ -25,6 +25,14 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise ModelError(f"tokenizer directory {path} does not exist")
+        from pie.models.check import read_config_json, tokenizer_problem
+
+        # Say what is really wrong: transformers reads config.json too and would report a broken
+        # one as a tokenizer failure, and without tokenizer files it may load a useless tokenizer.
+        if (path / "config.json").exists():
+            read_config_json(path)
+        if (problem := tokenizer_problem(path)) is not None:
+            raise ModelError(problem)
         from transformers import AutoTokenizer
 
         try:

@@ -379,8 +379,11 @@ class DevDriver(Driver):
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
+            # os.kill, not proc.send_signal: Popen.send_signal polls first, and that poll can reap
+            # the child under asyncio's watcher (which then reports status 255). A zombie takes
+            # signals harmlessly and its pid is not reused before the watcher reaps it.
             try:
-                self.proc.send_signal(sig)
+                os.kill(self.proc.pid, sig)
             except ProcessLookupError:
                 pass
 

@@ -4,7 +4,8 @@ The child's main thread serves one forward at a time, so a ping on the request s
 queue behind a long (legitimate) batch. Instead a daemon thread in the child writes one byte to
 a pipe every `interval` seconds; it keeps beating while the main thread computes (torch releases
 the GIL), and stops when the process is stopped (SIGSTOP), deadlocked in the interpreter, or gone.
-The parent watches the pipe: no beat for `timeout` seconds means the child is wedged.
+The parent watches the pipe: no beat for `timeout` seconds after the first one means the child is
+wedged (before the first beat the child is starting up, and ready_timeout_s applies).
 
     child:   python -m pie.drivers.dev.server --fd N --heartbeat-fd M --heartbeat-s S
     parent:  HeartbeatMonitor(read_fd).stale_for() -> seconds since the last beat
@@ -47,7 +48,9 @@ class HeartbeatMonitor:
     def __init__(self, read_fd: int):
         self.fd = read_fd
         os.set_blocking(read_fd, False)
-        self.last_beat = time.monotonic()  # starting counts as a beat
+        # None until the first beat: before it the child is still starting (interpreter, imports),
+        # which ready_timeout_s bounds; watching from spawn would misfire on a slow, loaded machine.
+        self.last_beat: float | None = None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(read_fd, self._on_readable)
         self._open = True
@@ -65,8 +68,8 @@ class HeartbeatMonitor:
             self._loop.remove_reader(self.fd)
 
     def stale_for(self) -> float:
-        """Seconds since the last beat."""
-        return time.monotonic() - self.last_beat
+        """Seconds since the last beat (0 before the first one)."""
+        return 0.0 if self.last_beat is None else time.monotonic() - self.last_beat
 
     def close(self) -> None:
         if self._open:
