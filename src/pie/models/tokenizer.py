@@ -47,7 +47,23 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of `text`. Special-token strings in it ("<|im_end|>") become control tokens,
+        except inside the `plain` spans of a pie.sdk.chat.ChatText (message contents), which are
+        tokenized as the plain text they are."""
+        plain = getattr(text, "plain", ())
+        if not plain:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        ids: list[int] = []
+        pos = 0
+        for a, b in [*plain, (len(text), len(text))]:
+            if a > pos:  # the template's own text: its special tokens are structure
+                ids += self.hf.encode(str(text[pos:a]), add_special_tokens=False)
+            if b > a:
+                ids += self.hf.encode(str(text[a:b]), add_special_tokens=False, split_special_tokens=True)
+            pos = max(pos, b)
+        if add_special_tokens:
+            ids = self.hf.build_inputs_with_special_tokens(ids)
+        return [int(i) for i in ids]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(
