@@ -270,3 +270,29 @@ def test_run_with_a_stopped_dev_driver_fails_and_leaves_no_process(tiny_config, 
         not Path(f"/proc/{child}").exists()
         or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
     )
+
+
+def test_verbose_shows_info_logs_on_stderr_and_keeps_stdout_clean(tiny_config):
+    """`pie -v run`: log.info of the executor (in the dev driver's child) reaches stderr; not without -v."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("PIE_LOG_LEVEL", None)
+    base = [sys.executable, "-m", "pie"]
+    args = ["run", "-c", str(tiny_config), "text-completion", *PROMPT]
+    quiet = subprocess.run(base + args, capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run(base + ["-v"] + args, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == loud.returncode == 0, loud.stderr
+    assert "executor ready: qwen3 on cpu" not in quiet.stderr
+    assert "pie: INFO pie.drivers.executor: executor ready: qwen3 on cpu" in loud.stderr
+    assert loud.stdout == quiet.stdout and "INFO" not in loud.stdout
+
+
+def test_verbose_in_process_and_after_the_subcommand(tiny_config, capsys):
+    import logging
+
+    try:
+        assert main(["run", "-v", "-c", str(tiny_config), "--in-process", "text-completion", *PROMPT]) == 0
+        out, err = capsys.readouterr()
+        assert "executor ready" in err and "executor ready" not in out
+    finally:
+        logging.getLogger("pie").setLevel(logging.WARNING)
+        os.environ.pop("PIE_LOG_LEVEL", None)

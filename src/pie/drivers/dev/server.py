@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-s", type=float, default=1.0, help="seconds between heartbeats")
     parser.add_argument("--parent-pid", type=int, help="die with this process (Linux)")
     args = parser.parse_args(argv)
+    from pie.cli.logs import configure as configure_logging
+
+    configure_logging()  # the parent's -v level, from $PIE_LOG_LEVEL; records go to our (echoed) stderr
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     if args.heartbeat_fd is not None:
