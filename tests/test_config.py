@@ -153,7 +153,7 @@ def test_all_problems_reported_together() -> None:
 def test_valid_edge_values() -> None:
     opts = parse(CUDA + "[model.driver.options]\ngpu_mem_utilization = 1.0\nkv_page_size = 1\n").default_model
     assert opts.driver.options.kv_page_size == 1
-    assert parse(DEV + "[model.driver.options]\nweight_dtype = 'bfloat16'\ncpu_mem_budget_in_gb = 0\n")
+    assert parse(DEV + "[model.driver.options]\nweight_dtype = 'float32'\ncpu_mem_budget_in_gb = 0\n")
 
 
 def test_binary_path_accepted_and_warned_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -325,3 +325,29 @@ def test_dev_timeouts_come_from_the_config() -> None:
     assert "must be > 0" in error_of(
         '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nshutdown_timeout_s = 0\n'
     )
+
+
+def test_mixed_precision_is_caught_at_validation() -> None:
+    """activation_dtype float16/float32 with cuda_native's default weight_dtype used to pass validation
+    and fail at driver start ("mixed precision not implemented")."""
+    for act in ("float16", "float32"):
+        cfg = parse(f'[[model]]\n[model.driver]\nactivation_dtype = "{act}"\n')
+        assert cfg.default_model.driver.options.weight_dtype == act  # the default follows
+        from pie.drivers.executor import resolve_dtypes
+
+        resolve_dtypes(act, cfg.default_model.driver.options.weight_dtype)  # what the driver checks
+    msg = error_of(
+        '[[model]]\n[model.driver]\nactivation_dtype = "float16"\n'
+        '[model.driver.options]\nweight_dtype = "bfloat16"\n'
+    )
+    assert (
+        'weight_dtype = "bfloat16" with activation_dtype = "float16": mixed precision is not implemented'
+        in msg
+    )
+    assert 'set weight_dtype = "auto"' in msg
+    dev = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nweight_dtype = "float16"\n'
+    )  # dev on cpu: activation float32 by default
+    assert 'weight_dtype = "float16" with activation_dtype = "float32"' in dev
+    ok = parse('[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nweight_dtype = "float32"\n')
+    assert ok.default_model.driver.options.weight_dtype == "float32"

@@ -103,9 +103,26 @@ def _check_driver(errors: list[str], raw: Any, model_where: str) -> DriverConfig
     options = opt_cls(**check_section(errors, opt_cls, options_raw, opt_where, driver_type=dtype))
     if isinstance(options, DevOptions) and options.venv and options.python:
         errors.append(f"{opt_where}: set either 'venv' or 'python', not both")
+    _check_precision(errors, opt_where, vals.get("activation_dtype"), options, "weight_dtype" in options_raw)
     if len(errors) != n_errors:
         return None
     return DriverConfig(**{**vals, "type": dtype, "device": devices, "options": options})
+
+
+def _check_precision(errors: list[str], where: str, act: str | None, options: Any, explicit: bool) -> None:
+    """Weights must be in the activation dtype (the executor has no mixed precision). A default
+    weight_dtype follows activation_dtype; an explicit different one is an error here, not at start."""
+    weight = options.weight_dtype
+    if act is None or weight in ("auto", act):
+        return
+    if not explicit:
+        options.weight_dtype = act  # e.g. cuda_native's default "bfloat16" with activation_dtype float16
+        return
+    errors.append(
+        f"{where}: weight_dtype = {fmt_value(weight)} with activation_dtype = {fmt_value(act)}: mixed "
+        f'precision is not implemented; set weight_dtype = "auto" (or {fmt_value(act)}), or activation_dtype '
+        f"= {fmt_value(weight)}"
+    )
 
 
 def parse_config(d: dict, source: str) -> PieConfig:

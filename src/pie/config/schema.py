@@ -57,7 +57,8 @@ class CudaNativeOptions:
     )
     weight_dtype: str = opt(
         "bfloat16",
-        "weight precision: auto (= activation_dtype), float32, float16, bfloat16",
+        "weight precision: auto (= activation_dtype), float32, float16, bfloat16; must equal "
+        "activation_dtype for now (left unset, it follows activation_dtype)",
         choices=WEIGHT_DTYPES,
         unimplemented=_quantized,
     )
@@ -91,7 +92,7 @@ class DevOptions:
     kv_page_size: int = opt(16, "KV cache page size in tokens", ge=1, pow2=True)
     weight_dtype: str = opt(
         "auto",
-        "auto (= activation_dtype), float32, float16, bfloat16",
+        "auto (= activation_dtype), float32, float16, bfloat16; must equal activation_dtype for now",
         choices=WEIGHT_DTYPES,
         unimplemented=_quantized,
     )
