@@ -351,3 +351,31 @@ def test_mixed_precision_is_caught_at_validation() -> None:
     assert 'weight_dtype = "float16" with activation_dtype = "float32"' in dev
     ok = parse('[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nweight_dtype = "float32"\n')
     assert ok.default_model.driver.options.weight_dtype == "float32"
+
+
+def test_integers_too_large_for_the_wire_are_rejected() -> None:
+    msg = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\n'
+        "max_batch_tokens = 99999999999999999999\nmax_batch_size = 2147483648\n"
+    )
+    assert "'max_batch_tokens' must be at most 2147483647, got 99999999999999999999" in msg
+    assert "'max_batch_size' must be at most 2147483647" in msg
+    assert parse(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nmax_batch_size = 2147483647\n'
+    )
+
+
+def test_unwritable_pie_home_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from pie.cli.main import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PIE_HOME", str(blocker / "pie"))  # a path under a file: mkdir fails, even as root
+    assert main(["config", "init"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {blocker / 'pie' / 'config.toml'}" in err and "must be a writable directory" in err
+    assert "Traceback" not in err
+    assert main(["driver", "dev", "set", "python", "python3"]) == 2
+    assert "dev-driver.toml" in capsys.readouterr().err

@@ -296,3 +296,29 @@ def test_verbose_in_process_and_after_the_subcommand(tiny_config, capsys):
     finally:
         logging.getLogger("pie").setLevel(logging.WARNING)
         os.environ.pop("PIE_LOG_LEVEL", None)
+
+
+def test_text_that_is_not_unicode_is_rejected_where_it_enters(tmp_path):
+    with pytest.raises(UsageError, match=r"argument --prompt is not valid text: byte 0xff at character 1"):
+        _input(["run", "x.py", "--", "--prompt", "a\udcffb"])  # how Python decodes argv byte 0xff
+    with pytest.raises(UsageError, match=r"--input\['m'\]\[1\] is not valid text: lone surrogate U\+D800"):
+        _input(["run", "x.py", "--input", '{"m": ["ok", "x\\ud800"]}'])
+    from pie.errors import ModelError
+    from pie.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(embedded_model_dir())
+    with pytest.raises(ModelError, match="cannot tokenize text: lone surrogate U\\+DFFF at character 2"):
+        tok.encode("ab\udfff")
+    # end to end: a non-UTF-8 byte on the command line, no traceback
+    r = subprocess.run(
+        [sys.executable, "-m", "pie", "run", "text-completion", "--", "--prompt", b"a\xffb"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC), "PIE_HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and "byte 0xff at character 1 is not UTF-8" in r.stderr
+        and "Traceback" not in r.stderr
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pie import __version__
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except PieError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file system problem no command anticipated: the file and why, no traceback
+        if os.environ.get("PIE_DEBUG"):
+            raise
+        what = f" {e.filename}" if e.filename else ""
+        print(f"error:{what}: {e.strerror or e} (PIE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

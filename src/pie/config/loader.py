@@ -33,7 +33,7 @@ from pie.config.schema import (
     owner_of_option,
 )
 from pie.errors import ConfigError
-from pie.paths import EMBEDDED_MODEL_ID, default_config_path
+from pie.paths import EMBEDDED_MODEL_ID, default_config_path, home_write_error
 
 PREFERRED_REPO = "Qwen/Qwen3-0.6B"  # `pie config init` picks it when it is already in the HF cache
 _DEVICE_RE = re.compile(r"cpu|cuda:\d+")
@@ -267,8 +267,11 @@ def to_toml(cfg: PieConfig) -> str:
 def write_config(cfg: PieConfig, path: str | Path | None = None) -> Path:
     """Writes `cfg` atomically (a crash never leaves a half-written file). Returns the path."""
     p = _resolve(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".toml", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".toml", dir=p.parent)
+    except OSError as e:
+        raise ConfigError(home_write_error(p, e)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(to_toml(cfg))

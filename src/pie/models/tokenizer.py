@@ -50,6 +50,13 @@ class Tokenizer:
         """Token ids of `text`. Special-token strings in it ("<|im_end|>") become control tokens,
         except inside the `plain` spans of a pie.sdk.chat.ChatText (message contents), which are
         tokenized as the plain text they are."""
+        from pie.models.text import unicode_problem
+
+        if (problem := unicode_problem(text)) is not None:
+            raise ModelError(
+                f"cannot tokenize text: {problem}; decode input bytes as UTF-8 (errors='replace' keeps "
+                "going past bad bytes) before passing them to pie"
+            )
         plain = getattr(text, "plain", ())
         if not plain:
             return list(self.hf.encode(text, add_special_tokens=add_special_tokens))

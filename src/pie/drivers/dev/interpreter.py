@@ -29,7 +29,7 @@ import tomli_w
 
 import pie
 from pie.errors import ConfigError, DriverError
-from pie.paths import pie_home
+from pie.paths import home_write_error, pie_home
 
 SETTINGS_FILE = "dev-driver.toml"
 SETTING_KEYS = ("venv", "python")
@@ -63,12 +63,18 @@ def write_settings(key: str | None, value: str | None) -> Path:
     """Record one choice (replacing any previous one); key None clears the setting."""
     path = settings_path()
     if key is None:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise ConfigError(home_write_error(path, e)) from None
         return path
     if key not in SETTING_KEYS:
         raise ConfigError(f"unknown dev driver setting {key!r}; use one of {', '.join(SETTING_KEYS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps({key: value}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps({key: value}))
+    except OSError as e:
+        raise ConfigError(home_write_error(path, e)) from None
     return path
 
 
