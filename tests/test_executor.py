@@ -225,3 +225,20 @@ def test_plan_dev_cuda_cpu_and_explicit():
         plan_num_pages(_spec(device="cpu"), MiB, 0, 0, MiB, model_config=CFG)
     with pytest.raises(DriverError, match="unknown kv_policy"):
         plan_num_pages(_spec(kv_policy="turbo"), MiB, 0, 0, GiB, model_config=CFG)
+
+
+def test_nan_logits_fail_the_pass_with_a_clear_error(tiny_checkpoint, monkeypatch):
+    ex = make_executor(tiny_checkpoint("qwen3"), page_size=16, num_pages=8)
+    batch = make_batch([_req([5, 9, 40], outputs=[2]), _req([7, 8], pages=(4,), outputs=[1])], page_size=16)
+    ok = ex.execute(batch)
+    assert ok.tokens.shape == (2,) and (ok.tokens >= 0).all()
+    real = ex.model.compute_logits
+
+    def poisoned(hidden):
+        logits = real(hidden)
+        logits[1, 3] = float("nan")  # one value of the second output row
+        return logits
+
+    monkeypatch.setattr(ex.model, "compute_logits", poisoned)
+    with pytest.raises(DriverError, match=r"NaN logits for 1 of 2 output rows \(rows 1\)"):
+        ex.execute(batch)

@@ -251,17 +251,36 @@ class ModelExecutor:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
         dev = self.device
         out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
+        # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides
+        # on the token copy: a row with a NaN gets token -1, found on the host, no extra sync.
+        tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
         keep_rows = np.flatnonzero(batch.return_logits)
         kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
         # single device -> host transfer point
+        host_tokens = _np(tokens, np.int64)
+        if (host_tokens < 0).any():
+            raise DriverError(nan_message(np.flatnonzero(host_tokens < 0), len(host_tokens), self.spec))
         return ForwardResult(
-            tokens=_np(out.tokens, np.int64),
+            tokens=host_tokens,
             logprobs=_np(out.logprobs, np.float32),
             entropies=_np(out.entropies, np.float32),
             logits=_np(kept, np.float32),
             dist_ids=_np(out.dist_ids, np.int64),
             dist_probs=_np(out.dist_probs, np.float32),
         )
+
+
+def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    hint = (
+        'float16 activations overflow easily: try activation_dtype = "bfloat16" or "float32"'
+        if spec.activation_dtype == "float16"
+        else "check the checkpoint's weights (pie model list / pie doctor) and the prompt's positions"
+    )
+    return (
+        f"the model produced NaN logits for {len(rows)} of {num_rows} output rows (rows {shown}); "
+        f"the forward pass failed instead of sampling from them; {hint}"
+    )
 
 
 def _np(t: torch.Tensor | None, dtype) -> np.ndarray | None:
