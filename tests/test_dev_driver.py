@@ -615,3 +615,21 @@ def test_interpreter_without_pie_dependencies_says_which_and_how_to_choose(tmp_p
     msg = run(main())
     assert f"{bare} cannot import 'msgpack'" in msg
     assert "pie driver dev set venv PATH" in msg and "PIE_PYTHON" in msg
+
+
+def test_install_picks_the_cpu_extra_without_cuda(capsys, tmp_path, monkeypatch):
+    import tomllib
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(os.path, "exists", lambda p: False)  # no /proc/driver/nvidia
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no nvidia-smi
+    assert driver_cmd.default_extra() == "cpu"
+    assert cli("driver", "dev", "install", str(tmp_path / "v")) == 0
+    out = capsys.readouterr().out
+    assert "(cpu)" in out and "install torch --index-url https://download.pytorch.org/whl/cpu" in out
+    assert "pie[cpu]" in out
+    # the extra exists, so pip accepts `pie[cpu]` without a warning
+    pyproject = tomllib.loads((interpreter.pie_import_root().parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["optional-dependencies"]["cpu"] == []
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert driver_cmd.default_extra() == "cu128"
