@@ -7,6 +7,10 @@ depends on everything that row may attend to. The sampled token of a row is
 
 over the visible slots j (causal: 0..slot; or the mask row). A scheduler that gets pages, chunk
 boundaries or last_page_len wrong changes the visible KV and therefore the tokens.
+
+Page ops move those per-slot records: a page's raw bytes are its kv_tok row then its kv_pos row
+(int64, so page_nbytes = 2 * page_size * 8), and a fake host swap pool (swap_tok / swap_pos) holds
+num_swap_slots pages. Forward passes and page ops take effect one at a time in submission order.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from collections.abc import Callable
 import numpy as np
 
 from pie.drivers.base import Driver
-from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import (
+    PROTOCOL_VERSION,
+    Capabilities,
+    ForwardBatch,
+    ForwardResult,
+    PageOps,
+    PageOpsResult,
+)
 from pie.errors import DriverError
 
 _P = 1_000_003
@@ -40,9 +51,11 @@ class FakeDriver(Driver):
         max_batch_tokens: int = 64,
         max_batch_size: int = 8,
         max_dist_size: int = 8,
+        num_swap_slots: int = 32,
+        max_position: int = 1 << 20,
     ) -> None:
         self.caps = Capabilities(
-            protocol_version=1,
+            protocol_version=PROTOCOL_VERSION,
             architecture="fake",
             num_pages=num_pages,
             page_size=page_size,
@@ -52,15 +65,30 @@ class FakeDriver(Driver):
             max_dist_size=max_dist_size,
             device="cpu",
             dtype="float32",
+            extra={"max_position_embeddings": max_position},
+            num_swap_slots=num_swap_slots,
+            page_nbytes=2 * page_size * 8,
+            kv_fingerprint=f"fake-{page_size}",
         )
         self.kv_tok = np.full((num_pages, page_size), -1, dtype=np.int64)
         self.kv_pos = np.full((num_pages, page_size), -1, dtype=np.int64)
+        self.swap_tok = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
+        self.swap_pos = np.full((num_swap_slots, page_size), -1, dtype=np.int64)
         self.batches: list[ForwardBatch] = []
+        self.page_op_log: list[PageOps] = []
+        self.fail_page_ops_if: Callable[[PageOps], Exception | None] | None = None
+        self._locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}  # see _order
+        self.last_tokens = np.zeros(0, dtype=np.int64)  # sampled by the last batch (prev_token_rows)
         self.gate: asyncio.Event | None = None  # when set to an unset Event, forward waits on it
         self.fail_if: Callable[[ForwardBatch], Exception | None] | None = None
         self.in_flight = 0
         self.max_in_flight = 0
         self.started = self.stopped = False
+
+    def _order(self) -> asyncio.Lock:
+        """FIFO lock (one per event loop, so a driver may serve several asyncio.run calls): forward passes
+        and page ops take effect one at a time, in submission order."""
+        return self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
     async def start(self) -> Capabilities:
         self.started = True
@@ -76,18 +104,59 @@ class FakeDriver(Driver):
         try:
             batch.validate(self.caps.page_size, self.caps.num_pages, self.caps.vocab_size)
             self.batches.append(batch)
-            if self.gate is not None:
-                await self.gate.wait()
-            await asyncio.sleep(0)
-            err = self.fail_if(batch) if self.fail_if else None
-            if err is not None:
-                raise err
-            return self._run(batch)
+            async with self._order():
+                if self.gate is not None:
+                    await self.gate.wait()
+                await asyncio.sleep(0)
+                err = self.fail_if(batch) if self.fail_if else None
+                if err is not None:
+                    self.last_tokens = np.zeros(0, dtype=np.int64)  # as the executor: nothing to feed
+                    raise err
+                return self._run(batch)
         finally:
             self.in_flight -= 1
 
+    async def page_ops(self, ops: PageOps) -> PageOpsResult:
+        c = self.caps
+        ops.validate(c.num_pages, c.num_swap_slots, c.page_nbytes)
+        self.page_op_log.append(ops)
+        async with self._order():
+            await asyncio.sleep(0)
+            err = self.fail_page_ops_if(ops) if self.fail_page_ops_if else None
+            if err is not None:
+                raise err
+            return self._apply(ops)
+
+    def _apply(self, ops: PageOps) -> PageOpsResult:
+        # numpy evaluates each right-hand side before assigning: sources are read before destinations change
+        pages, slots = ops.swap_out[:, 0], ops.swap_out[:, 1]
+        self.swap_tok[slots], self.swap_pos[slots] = self.kv_tok[pages], self.kv_pos[pages]
+        src, dst = ops.copy[:, 0], ops.copy[:, 1]
+        self.kv_tok[dst], self.kv_pos[dst] = self.kv_tok[src], self.kv_pos[src]
+        slots, pages = ops.swap_in[:, 0], ops.swap_in[:, 1]
+        self.kv_tok[pages], self.kv_pos[pages] = self.swap_tok[slots], self.swap_pos[slots]
+        if len(ops.write):
+            rec = (
+                np.ascontiguousarray(ops.write_data)
+                .view(np.int64)
+                .reshape(len(ops.write), 2, self.caps.page_size)
+            )
+            self.kv_tok[ops.write], self.kv_pos[ops.write] = rec[:, 0], rec[:, 1]
+        if not len(ops.read):
+            return PageOpsResult(data=None)
+        rec = np.stack([self.kv_tok[ops.read], self.kv_pos[ops.read]], axis=1)  # [R, 2, page_size] int64
+        return PageOpsResult(data=rec.view(np.uint8).reshape(len(ops.read), self.caps.page_nbytes))
+
     def _run(self, b: ForwardBatch) -> ForwardResult:
         ps, V = self.caps.page_size, self.caps.vocab_size
+        if b.prev_token_rows is not None:  # generation steps queued before the previous batch returned
+            rows = b.prev_token_rows
+            fed = rows >= 0
+            prev = self.last_tokens
+            ok = fed & (rows < prev.shape[0])
+            b.token_ids = b.token_ids.copy()
+            b.token_ids[fed] = 0  # past the previous result (or after a failed batch): token 0
+            b.token_ids[ok] = prev[rows[ok]]
         kv_lens, qo_lens = b.kv_lens(ps), b.qo_lens()
         req = np.repeat(np.arange(b.num_requests), qo_lens)
         slot = (kv_lens - qo_lens)[req] + np.arange(b.num_tokens) - b.qo_indptr[req]
@@ -110,6 +179,7 @@ class FakeDriver(Driver):
             j = np.nonzero(visible)[0]
             tokens.append(int((((toks[j] + 1) * 31 + poss[j]) * (j + 1)).sum() % _P % V))
         tok = np.array(tokens, dtype=np.int64)
+        self.last_tokens = tok
         num_out = b.num_outputs
         kmax = int(b.dist_k.max()) if num_out else 0
         dist_ids = dist_probs = None

@@ -113,6 +113,28 @@ def test_set_edits_and_validates(tmp_path: Path, capsys) -> None:
     assert "power of two" in capsys.readouterr().err
 
 
+def test_runtime_section_set_and_show(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.toml"
+    assert pie("config", "init", "-c", str(path)) == 0
+    assert pie("config", "set", "runtime.snapshot_dir", "snaps", "-c", str(path)) == 0
+    assert tomllib.loads(path.read_text())["runtime"] == {"snapshot_dir": "snaps"}
+    capsys.readouterr()
+    assert pie("config", "show", "-c", str(path)) == 0
+    out = capsys.readouterr().out
+    assert (
+        "[runtime]\n# directory where named context snapshots persist" in out
+        and 'snapshot_dir = "snaps"' in out
+    )
+    before = path.read_bytes()
+    assert pie("config", "set", "runtime.snapshot_dri", "x", "-c", str(path)) == 2
+    err = capsys.readouterr().err
+    assert (
+        "[runtime]: unknown key 'snapshot_dri'; did you mean 'snapshot_dir'?" in err
+        and "Traceback" not in err
+    )
+    assert path.read_bytes() == before
+
+
 def test_config_without_subcommand_prints_help(capsys) -> None:
     assert pie("config") == 2
     assert "init" in capsys.readouterr().err

@@ -84,8 +84,8 @@ def test_values_and_shorthands() -> None:
         (DEV + "devcie = 'cpu'\n", ["[model.driver]", "did you mean 'device'?"]),
         ("nodel = 1\n[[model]]\n", ["unknown key 'nodel'", "did you mean 'model'?"]),
         # a key of the other driver type
-        (DEV + "[model.driver.options]\nmax_num_kv_pages = 8\n",
-         ["'max_num_kv_pages' is a cuda_native option", "does not apply to driver type 'dev'"]),
+        (DEV + "[model.driver.options]\nswap_pool_size = 8\n",
+         ["'swap_pool_size' is a cuda_native option", "does not apply to driver type 'dev'"]),
         (CUDA + "[model.driver.options]\nmax_num_adapters = 8\n", ["'max_num_adapters' is a dev option"]),
         # wrong types
         (DEV + '[model.driver.options]\nkv_page_size = "16"\n', ["'kv_page_size' must be an integer", '"16"']),
@@ -121,8 +121,19 @@ def test_values_and_shorthands() -> None:
         (CUDA + "[model.driver.options]\nweight_dtype = 'float8'\n", ["is not implemented yet"]),
         (DEV + "[model.driver.options]\nweight_dtype = 'int8'\n", ["is not implemented yet"]),
         (CUDA + "[model.driver.options]\nruntime_quant = 'fp8'\n", ['runtime_quant = "fp8" is not implemented yet']),
-        (CUDA + "[model.driver.options]\nswap_pool_size = 64\n", ["swap_pool_size = 64 is not implemented yet"]),
-        (DEV + "[model.driver.options]\ncpu_mem_budget_in_gb = 2\n", ["cpu_mem_budget_in_gb = 2.0 is not implemented"]),
+        # swap, page caps
+        (CUDA + "[model.driver.options]\nswap_pool_size = -1\n", ["'swap_pool_size' must be >= 0, got -1"]),
+        (CUDA + "[model.driver.options]\nswap_pool_size = 1.5\n", ["'swap_pool_size' must be an integer"]),
+        (DEV + "[model.driver.options]\ncpu_mem_budget_in_gb = -2\n", ["'cpu_mem_budget_in_gb' must be >= 0"]),
+        (DEV + "[model.driver.options]\ncpu_mem_budget_in_gb = 'lots'\n", ["must be a number"]),
+        (DEV + "[model.driver.options]\nmax_num_kv_pages = 0\n", ["'max_num_kv_pages' must be >= 1, got 0"]),
+        (DEV + "[model.driver.options]\nmax_num_kv_pages = 2.5\n", ["'max_num_kv_pages' must be an integer"]),
+        # [runtime]
+        (DEV + "[runtime]\nsnapshot_dri = 'x'\n",
+         ["[runtime]: unknown key 'snapshot_dri'", "did you mean 'snapshot_dir'?", "valid keys: snapshot_dir"]),
+        (DEV + "[runtime]\nsnapshot_dir = 3\n", ["[runtime]: 'snapshot_dir' must be a string, got 3"]),
+        ("runtime = 3\n" + DEV, ["'runtime' must be a table ([runtime])"]),
+        ("runtim = 3\n" + DEV, ["top level: unknown key 'runtim'", "did you mean 'runtime'?"]),
         (CUDA + "tensor_parallel_size = 2\ndevice = ['cuda:0', 'cuda:1']\n",
          ["tensor_parallel_size = 2 is not implemented yet"]),
         # models
@@ -154,6 +165,26 @@ def test_valid_edge_values() -> None:
     opts = parse(CUDA + "[model.driver.options]\ngpu_mem_utilization = 1.0\nkv_page_size = 1\n").default_model
     assert opts.driver.options.kv_page_size == 1
     assert parse(DEV + "[model.driver.options]\nweight_dtype = 'float32'\ncpu_mem_budget_in_gb = 0\n")
+
+
+def test_swap_page_cap_and_runtime_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = parse(CUDA + "[model.driver.options]\nswap_pool_size = 64\n").default_model.driver.options
+    assert cuda.swap_pool_size == 64
+    dev = parse(DEV + "[model.driver.options]\ncpu_mem_budget_in_gb = 2\nmax_num_kv_pages = 8\n")
+    opts = dev.default_model.driver.options
+    assert opts.cpu_mem_budget_in_gb == 2.0 and isinstance(opts.cpu_mem_budget_in_gb, float)
+    assert opts.max_num_kv_pages == 8 and DevOptions().max_num_kv_pages is None
+    assert dev.runtime.snapshot_dir == "" and dev.runtime.snapshot_path() is None
+    monkeypatch.setenv("PIE_HOME", str(tmp_path / "home"))
+    rel = parse(DEV + "[runtime]\nsnapshot_dir = 'snaps'\n").runtime
+    assert rel.snapshot_path() == tmp_path / "home" / "snaps"
+    absolute = parse(DEV + f"[runtime]\nsnapshot_dir = '{tmp_path / 'abs'}'\n").runtime
+    assert absolute.snapshot_path() == tmp_path / "abs"
+    out = to_toml(
+        parse(DEV + "[runtime]\nsnapshot_dir = 'snaps'\n[model.driver.options]\nmax_num_kv_pages = 8\n")
+    )
+    assert "[runtime]" in out and 'snapshot_dir = "snaps"' in out and "max_num_kv_pages = 8" in out
+    assert "# max_num_kv_pages = (unset)" in to_toml(parse(DEV))
 
 
 def test_binary_path_accepted_and_warned_once(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -273,6 +304,14 @@ def test_set_value(tmp_path: Path) -> None:
     assert first.driver.options.kv_page_size == 32 and [m.name for m in cfg.models] == ["a", "second"]
     set_value(p, "model.driver.options.venv", "")  # "" unsets
     assert load_config(p).default_model.driver.options.venv is None
+    set_value(p, "runtime.snapshot_dir", "snaps")
+    set_value(p, "model.driver.options.max_num_kv_pages", "12")
+    set_value(p, "model.driver.options.cpu_mem_budget_in_gb", "0.5")
+    cfg = load_config(p)
+    assert cfg.runtime.snapshot_dir == "snaps" and cfg.default_model.driver.options.max_num_kv_pages == 12
+    assert cfg.default_model.driver.options.cpu_mem_budget_in_gb == 0.5
+    set_value(p, "model.driver.options.max_num_kv_pages", "")  # "" unsets an optional integer too
+    assert load_config(p).default_model.driver.options.max_num_kv_pages is None
     assert "# KV cache page size in tokens" in p.read_text()
 
 
@@ -282,6 +321,8 @@ def test_set_value(tmp_path: Path) -> None:
         ("model.driver.options.kv_page_size", "24", "power of two"),
         ("model.driver.options.gpu_mem_utilisation", "0.5", "did you mean 'gpu_mem_utilization'"),
         ("model.driver.options.weight_dtype", "int4", "not implemented yet"),
+        ("runtime.snapshot_dri", "x", "did you mean 'snapshot_dir'"),
+        ("runtime.snapshot_dir", "3", "'snapshot_dir' must be a string"),
         ("model.driver.device", "gpu", 'bad device "gpu"'),
         ("model.5.name", "x", "1 [[model]] blocks"),
         ("model.name.x", "1", "is a value, not a table"),
@@ -299,10 +340,11 @@ def test_bad_set_leaves_file_unchanged(tmp_path: Path, key: str, value: str, exp
 
 def test_set_driver_type_drops_other_driver_options(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
-    write_config(parse(CUDA + "device = ['cuda:0']\n[model.driver.options]\nmax_num_kv_pages = 64\n"), p)
+    write_config(parse(CUDA + "device = ['cuda:0']\n[model.driver.options]\nswap_pool_size = 64\n"), p)
     cfg, notes = set_value(p, "model.driver.type", "dev")
     assert cfg.default_model.driver.type == "dev" and isinstance(cfg.default_model.driver.options, DevOptions)
-    assert notes and "max_num_kv_pages" in notes[0]
+    assert notes and "swap_pool_size" in notes[0]
+    assert cfg.default_model.driver.options.max_num_kv_pages == 1024  # a key both drivers have is kept
     assert cfg.default_model.driver.options.kv_page_size == 32  # shared keys keep their values
 
 
@@ -360,6 +402,10 @@ def test_integers_too_large_for_the_wire_are_rejected() -> None:
     )
     assert "'max_batch_tokens' must be at most 2147483647, got 99999999999999999999" in msg
     assert "'max_batch_size' must be at most 2147483647" in msg
+    capped = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nmax_num_kv_pages = 2147483648\n'
+    )
+    assert "'max_num_kv_pages' must be at most 2147483647" in capped  # an optional int is bounded too
     assert parse(
         '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nmax_batch_size = 2147483647\n'
     )

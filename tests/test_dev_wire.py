@@ -16,7 +16,15 @@ import pytest
 
 from pie.drivers.dev import wire
 from pie.drivers.dev.interpreter import child_env
-from pie.drivers.protocol import PROTOCOL_VERSION, Capabilities, ForwardBatch, ForwardResult, make_batch
+from pie.drivers.protocol import (
+    PROTOCOL_VERSION,
+    Capabilities,
+    ForwardBatch,
+    ForwardResult,
+    PageOps,
+    PageOpsResult,
+    make_batch,
+)
 from pie.drivers.spec import ExecutorSpec
 
 
@@ -64,7 +72,16 @@ def big_batch(num_tokens: int) -> ForwardBatch:
     )
 
 
-CAPS = Capabilities(PROTOCOL_VERSION, "qwen3", 64, 16, 1000, 4096, 64, 32, "cpu", "float32", 2, {"k": [1, 2]})
+CAPS = Capabilities(PROTOCOL_VERSION, "qwen3", 64, 16, 1000, 4096, 64, 32, "cpu", "float32", 2, {"k": [1, 2]},
+                    num_swap_slots=8, page_nbytes=4096, kv_fingerprint="qwen3-0123456789abcdef")  # fmt: skip
+OPS = PageOps(
+    swap_out=np.array([[3, 0], [4, 1]], dtype=np.int32),
+    copy=np.array([[5, 6]], dtype=np.int32),
+    write=np.array([7], dtype=np.int32),
+    write_data=np.arange(16, dtype=np.uint8).reshape(1, 16),
+    read=np.array([1, 2], dtype=np.int32),
+)
+PAGE_RESULT = PageOpsResult(data=np.full((2, 16), 9, dtype=np.uint8))
 RESULT = ForwardResult(
     tokens=np.array([3, 4], dtype=np.int64),
     logprobs=np.array([-0.5, -1.0], dtype=np.float32),
@@ -83,6 +100,10 @@ def test_every_message_round_trips_through_encode_decode():
         wire.result(41, RESULT),
         wire.shutdown(),
         wire.bye(),
+        wire.page_ops(42, OPS),
+        wire.page_result(42, PAGE_RESULT),
+        wire.page_ops(43, PageOps()),
+        wire.page_result(43, PageOpsResult()),
     ]
     assert {m["type"] for m in msgs} == set(wire.MESSAGE_TYPES)
     back = [wire.decode(wire.encode(m)) for m in msgs]
@@ -92,7 +113,13 @@ def test_every_message_round_trips_through_encode_decode():
     assert back[4]["id"] == 41
     assert_same(ForwardBatch.from_wire(back[4]["batch"]), sample_batch())
     assert_same(ForwardResult.from_wire(back[5]["result"]), RESULT)
-    assert back[6:] == msgs[6:]
+    assert back[6:8] == msgs[6:8]
+    assert back[8]["id"] == 42 and back[9]["id"] == 42
+    assert_same(PageOps.from_wire(back[8]["ops"]), OPS)
+    assert_same(PageOpsResult.from_wire(back[9]["result"]), PAGE_RESULT)
+    empty = PageOps.from_wire(back[10]["ops"])
+    assert_same(empty, PageOps()) and empty.swap_out.shape == (0, 2) and empty.is_empty
+    assert PageOpsResult.from_wire(back[11]["result"]).data is None
 
 
 def test_masked_batch_round_trips():

@@ -120,6 +120,27 @@ def build_record(
                 "repeat_pass_ms": [t * 1e3 for t in p.pass_times],
             }
         )
+    executor_step = {d.batch: d.step_s for d in meas.decode}
+    for e in meas.e2e:
+        floor_s = floors.decode_floor_s(cfg, e.batch, opts.context + e.steps / 2, bw, nbytes)
+        ex = executor_step.get(e.batch)
+        one = e.batch == 1  # batch 1 in ms/token, as the executor's figure
+        figures.append(
+            {
+                "name": "e2e_decode_ms_per_token" if one else f"e2e_decode_tokens_per_s_b{e.batch}",
+                "label": f"e2e (SDK), batch {e.batch}",
+                "unit": "ms/token" if one else "tokens/s",
+                "value": e.step_s * 1e3 if one else e.tokens_per_s,
+                "floor": floor_s * 1e3 if one else e.batch / floor_s,
+                "ratio": e.step_s / floor_s,
+                "executor_value": None if ex is None else (ex * 1e3 if one else e.batch / ex),
+                # throughput of the e2e path as a fraction of the executor-only path (1.0 = no overhead)
+                "of_executor": None if ex is None else ex / e.step_s,
+                "step_ms": e.step_s * 1e3,
+                "batches": e.batches,
+                "steps": e.steps,
+            }
+        )
     caps = meas.capabilities
     return {
         "record_version": RECORD_VERSION,
@@ -176,5 +197,8 @@ def print_table(record: dict, file: IO[str]) -> None:
     ):
         table.add_column(col, justify=just)
     for f in record["figures"]:
-        table.add_row(f["label"], _fmt(f["value"]), _fmt(f["floor"]), f["unit"], f"{f['ratio']:.2f}")
+        label = f["label"]
+        if f.get("of_executor") is not None:
+            label += f" ({f['of_executor']:.0%} of executor)"
+        table.add_row(label, _fmt(f["value"]), _fmt(f["floor"]), f["unit"], f"{f['ratio']:.2f}")
     Console(file=file, width=120).print(table)

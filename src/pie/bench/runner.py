@@ -42,13 +42,14 @@ class BenchOptions:
     profile_path: str | None = None  # torch.profiler table of one decode step at profile_batch
     profile_batch: int = 64
     cuda_graphs: bool = True  # decode through CUDA graphs (CUDA with FlashInfer only; ignored elsewhere)
+    e2e_steps: int = 0  # > 0: also generate this many tokens per inferlet through the runtime and SDK
 
     @property
     def decode_steps_total(self) -> int:
         return self.warmup + self.repeats * self.steps + 1  # +1: the profiled step
 
     def pages_per_seq(self) -> int:
-        return -(-(self.context + self.decode_steps_total) // self.page_size)
+        return -(-(self.context + max(self.decode_steps_total, self.e2e_steps + 1)) // self.page_size)
 
     def num_pages(self) -> int:
         decode = max(self.batch_sizes) * self.pages_per_seq()
@@ -259,6 +260,7 @@ class Measurements:
     prefill: PrefillFigure | None
     capabilities: dict  # the executor's Capabilities as a dict (backend, dtype, pages, ...)
     cuda_graphs: dict | None = None  # GraphStats.summary() of the run; None when graphs were off
+    e2e: list = field(default_factory=list)  # e2e.E2EFigure per batch size (bench --e2e)
 
 
 def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
@@ -317,4 +319,11 @@ def run_benchmark(
             f"CUDA graphs: buckets {graphs['captured_buckets']} captured, {graphs['replays']} replays, "
             f"{graphs['eager_decode_batches']} decode batches eager, disabled: {graphs['disabled']}"
         )
-    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs)
+    e2e = []
+    if opts.e2e_steps:
+        from pie.bench.e2e import run_e2e
+        from pie.drivers.inprocess import InProcessDriver
+
+        driver = InProcessDriver.from_executor(executor)
+        e2e = run_e2e(driver, opts.batch_sizes, opts.context, opts.e2e_steps, vocab, progress)
+    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs, e2e)

@@ -74,6 +74,21 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument(
         "--profile", metavar="PATH", help="write a torch.profiler table of one decode step at batch 64"
     )
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="also generate through the runtime and the SDK (N concurrent inferlets, engine-side generation) at "
+        "each batch size, beside the executor-only figure of the same batch",
+    )
+    p.add_argument(
+        "--e2e-steps", type=int, default=64, help="tokens each inferlet generates in the e2e run (default 64)"
+    )
+    p.add_argument(
+        "--noop-driver",
+        action="store_true",
+        help="measure only the host cost of the runtime and the SDK per sequence per step, against a driver "
+        "that returns at once (no model, no GPU)",
+    )
     p.set_defaults(func=run)
 
 
@@ -129,6 +144,7 @@ def parse_options(args: argparse.Namespace, device: str, dtype: str):
         profile_path=args.profile,
         profile_batch=64 if 64 in batches else max(batches),
         cuda_graphs=getattr(args, "cuda_graphs", True),
+        e2e_steps=_positive("e2e-steps", args.e2e_steps) if getattr(args, "e2e", False) else 0,
     )
 
 
@@ -173,7 +189,30 @@ def _check_lengths(cfg: dict, opts) -> None:
         )
 
 
+def run_noop(args: argparse.Namespace) -> int:
+    from pie.bench.e2e import noop_host_cost
+
+    batches = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+    steps = _positive("steps", args.e2e_steps)
+    _progress()(f"runtime host cost against a no-op driver: batches {batches}, {steps} steps each")
+    figs = noop_host_cost(batches, steps)
+    rows = [
+        {"batch": f.batch, "step_us": f.step_s * 1e6, "us_per_seq_step": f.step_s * 1e6 / f.batch,
+         "batches": f.batches}
+        for f in figs
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"noop_host_cost": rows}, indent=2))
+    else:
+        print(f"{'batch':>6} {'us/step':>10} {'us/seq/step':>12}")
+        for r in rows:
+            print(f"{r['batch']:>6} {r['step_us']:>10.1f} {r['us_per_seq_step']:>12.2f}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.noop_driver:
+        return run_noop(args)
     import torch
 
     from pie.bench.report import build_record, print_table

@@ -15,6 +15,7 @@ keys (dotted paths; `model` alone means the first [[model]] block, `model.1` the
   model.driver.device             e.g. cuda:0, or cpu (dev only)
   model.driver.activation_dtype   bfloat16 | float16 | float32
   model.driver.options.KEY        driver options; `pie config show` lists them with help
+  runtime.snapshot_dir            where named context snapshots persist ("" = in memory only)
 
 VALUE is read as a TOML value when it parses as one (16, 0.9, true, ["cuda:0"]) and as a string
 otherwise; "" unsets venv/python. The result is validated before the file is written.

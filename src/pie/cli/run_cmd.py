@@ -155,21 +155,30 @@ def run(args: argparse.Namespace) -> int:
     config.model(args.model)  # an unknown --model fails now, listing the configured names
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # only the result goes to stdout
-        result = asyncio.run(_run(config, main, input, args.model, args.in_process))
+        result = asyncio.run(
+            _run(config, main, input, args.model, args.in_process, bool(getattr(args, "verbose", 0)))
+        )
     if result is None:
         return 1
     print(result, file=stdout, flush=True)
     return 0
 
 
-async def _run(config, main, input: dict, model: str | None, in_process: bool) -> str | None:
+async def _run(
+    config, main, input: dict, model: str | None, in_process: bool, verbose: bool = False
+) -> str | None:
     from pie.runtime.engine import Engine
 
     engine = Engine(config, in_process=in_process)
     try:
         await engine.start()
         try:
-            return await engine.run_inferlet(main, input, model=model)
+            result = await engine.run_inferlet(main, input, model=model)
+            if verbose:
+                for name, rt in engine.models.items():
+                    st = " ".join(f"{k}={v}" for k, v in rt.stats().items())
+                    print(f"pie: stats of model {name!r}: {st}", file=sys.stderr)
+            return result
         except PieError:
             raise
         except asyncio.CancelledError:  # the first Ctrl-C: asyncio.run cancels us

@@ -17,6 +17,7 @@ from pie.config.schema import (
     DriverConfig,
     ModelEntry,
     PieConfig,
+    RuntimeConfig,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DriverConfig",
     "ModelEntry",
     "PieConfig",
+    "RuntimeConfig",
     "default_config",
     "load_config",
     "load_or_default",

@@ -27,6 +27,7 @@ from pie.config.schema import (
     DriverConfig,
     ModelEntry,
     PieConfig,
+    RuntimeConfig,
     check_section,
     expected_type,
     fmt_value,
@@ -37,6 +38,7 @@ from pie.paths import EMBEDDED_MODEL_ID, default_config_path, home_write_error
 
 PREFERRED_REPO = "Qwen/Qwen3-0.6B"  # `pie config init` picks it when it is already in the HF cache
 _DEVICE_RE = re.compile(r"cpu|cuda:\d+")
+TOP_LEVEL_KEYS = ["model", "runtime"]
 _warned_binary_path = False  # binary_path is ignored; say so once per process
 
 
@@ -129,10 +131,13 @@ def parse_config(d: dict, source: str) -> PieConfig:
     """Validates a parsed TOML document and fills in defaults. Raises ConfigError listing every problem."""
     errors: list[str] = []
     for key in d:
-        if key != "model":
-            near = difflib.get_close_matches(key, ["model"], n=1)
-            hint = "; did you mean 'model'?" if near else " (the file holds [[model]] blocks only)"
+        if key not in TOP_LEVEL_KEYS:
+            near = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+            hint = (
+                f"; did you mean '{near[0]}'?" if near else " (the file holds [[model]] blocks and [runtime])"
+            )
             errors.append(f"top level: unknown key '{key}'{hint}")
+    runtime = _check_runtime(errors, d.get("runtime", {}))
     blocks = d.get("model", [])
     if isinstance(blocks, dict):
         errors.append("'model' must be an array of tables: write [[model]] (double brackets)")
@@ -166,7 +171,14 @@ def parse_config(d: dict, source: str) -> PieConfig:
         body = errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  - " + "\n  - ".join(errors)
         raise ConfigError(f"{source}: {body}")
     _warn_binary_path(models, source)
-    return PieConfig(models=models, source=source)
+    return PieConfig(models=models, runtime=runtime, source=source)
+
+
+def _check_runtime(errors: list[str], raw: Any) -> RuntimeConfig:
+    if not isinstance(raw, dict):
+        errors.append(f"'runtime' must be a table ([runtime]), got {fmt_value(raw)}")
+        return RuntimeConfig()
+    return RuntimeConfig(**check_section(errors, RuntimeConfig, raw, "[runtime]"))
 
 
 def _warn_binary_path(models: list[ModelEntry], source: str) -> None:
@@ -261,6 +273,8 @@ def to_toml(cfg: PieConfig) -> str:
         _emit(lines, m.driver, skip=("options",))
         lines.append(f"\n[model.driver.options]  # {m.driver.type} options")
         _emit(lines, m.driver.options)
+    lines.append("\n[runtime]")
+    _emit(lines, cfg.runtime)
     return "\n".join(lines) + "\n"
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from pie.errors import ModelError
-from pie.paths import EMBEDDED_MODEL_ID
+from pie.paths import EMBEDDED_MODEL_ID, pie_home
 
 DRIVER_TYPES = ("cuda_native", "dev")
 ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
@@ -41,10 +42,6 @@ def _quantized(v: Any) -> bool:
     return v in QUANTIZED_WEIGHT_DTYPES
 
 
-def _positive(v: Any) -> bool:
-    return v > 0
-
-
 @dataclass
 class CudaNativeOptions:
     """Options of the in-process CUDA driver (FlashInfer attention)."""
@@ -56,7 +53,9 @@ class CudaNativeOptions:
     max_batch_size: int = opt(512, "cap on sequences per batch", ge=1)
     max_num_kv_pages: int = opt(1024, "KV cache page count; KV memory scales linearly", ge=1)
     swap_pool_size: int = opt(
-        0, "pinned host KV-page count for swap-out; 0 disables swap", ge=0, unimplemented=_positive
+        0,
+        "pinned host memory for swapped-out KV pages, in pages (as big as device pages); 0 disables swap",
+        ge=0,
     )
     weight_dtype: str = opt(
         "bfloat16",
@@ -100,7 +99,15 @@ class DevOptions:
         unimplemented=_quantized,
     )
     cpu_mem_budget_in_gb: float = opt(
-        0.0, "pinned host pool for KV swap, in GiB; 0 disables swap", ge=0, unimplemented=_positive
+        0.0,
+        "host memory for swapped-out KV pages, in GiB (pinned on CUDA; slots = budget / bytes of one page); "
+        "0 disables swap",
+        ge=0,
+    )
+    max_num_kv_pages: int | None = opt(
+        None,
+        "cap on the planned KV page count (unset: no cap); a small cap exercises memory pressure on CPU",
+        ge=1,
     )
     ready_timeout_s: float = opt(
         600.0, "seconds the driver process may take to load the model and answer ready", gt=0
@@ -157,10 +164,29 @@ class ModelEntry:
 
 
 @dataclass
+class RuntimeConfig:
+    """The [runtime] table: engine settings shared by every model."""
+
+    snapshot_dir: str = opt(
+        "",
+        "directory where named context snapshots persist across runs; relative paths are under $PIE_HOME; "
+        'empty ("") keeps snapshots in memory only',
+    )
+
+    def snapshot_path(self) -> Path | None:
+        """snapshot_dir resolved ($PIE_HOME for relative paths, ~ expanded), or None when snapshots stay in memory."""
+        if not self.snapshot_dir:
+            return None
+        path = Path(self.snapshot_dir).expanduser()
+        return path if path.is_absolute() else pie_home() / path
+
+
+@dataclass
 class PieConfig:
-    """The whole file: one or more models; the first is the default."""
+    """The whole file: one or more models (the first is the default) and the [runtime] table."""
 
     models: list[ModelEntry]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     source: str = field(default="", compare=False)  # the file it came from, for error messages
 
     @property
@@ -196,7 +222,7 @@ def fmt_value(v: Any) -> str:
 
 def expected_type(hint: Any, value: Any) -> str | None:
     """What `value` should have been for type `hint`, or None when it fits."""
-    if hint is int:
+    if hint is int or hint == (int | None):
         return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
     if hint is float:
         return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
@@ -217,8 +243,8 @@ def _range_text(meta: dict) -> str:
 
 def _check_value(errors: list[str], where: str, key: str, value: Any, hint: Any, meta: dict) -> Any:
     """Checks one value against its type and rules; returns the normalized value or BAD."""
-    if isinstance(value, str) and hint == (str | None) and value == "":
-        return None  # "" unsets an optional string (`pie config set ... ""`)
+    if isinstance(value, str) and hint in (str | None, int | None) and value == "":
+        return None  # "" unsets an optional value (`pie config set ... ""`)
     if (want := expected_type(hint, value)) is not None:
         errors.append(f"{where}: '{key}' must be {want}, got {fmt_value(value)} ({type(value).__name__})")
         return BAD
@@ -238,7 +264,7 @@ def _check_value(errors: list[str], where: str, key: str, value: Any, hint: Any,
     if bad_range:
         errors.append(f"{where}: '{key}' must be {_range_text(meta)}, got {fmt_value(value)}")
         return BAD
-    if hint is int and "le" not in meta and abs(value) > INT_MAX:
+    if hint in (int, int | None) and "le" not in meta and abs(value) > INT_MAX:
         # counts travel to the driver as 32-bit integers (msgpack, CUDA index tensors)
         errors.append(f"{where}: '{key}' must be at most {INT_MAX}, got {value}")
         return BAD
@@ -304,6 +330,7 @@ __all__ = [
     "DriverConfig",
     "ModelEntry",
     "PieConfig",
+    "RuntimeConfig",
     "check_section",
     "field_help",
     "owner_of_option",

@@ -246,7 +246,7 @@ class DecodeGraphRunner:
             self.stats.last_refusal = reason
         return reason is None
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor | None:
+    def run(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Replay the batch's bucket; fp32 logits [O, V] of its output rows (a view of the graph's static
         output when the rows are 0..R-1), or None when graphs were turned off (run it eagerly then).
         Precondition: accepts(batch)."""
@@ -259,6 +259,8 @@ class DecodeGraphRunner:
         # inference mode: the buffers plan() refills were created under it (capture runs under it)
         with torch.inference_mode(), _on_device(self.device):
             self._stage(bucket, padded)
+            if feed is not None:  # generation steps whose token is the previous batch's output
+                feed(self._ids_pos[0, :R])
             bucket.attn.plan(bucket.meta)
             if self.capture:
                 bucket.graph.replay()

@@ -8,19 +8,33 @@ Execute: validate -> AttentionMetadata -> backend.plan -> model.forward over all
 logits of the O output rows (fp32) -> sampling -> one host copy at the end. With spec.cuda_graphs on CUDA
 (FlashInfer attention), pure decode batches replay a captured graph instead of the eager forward
 (pie.drivers.cuda_graphs); the KV cache then has one scratch page beyond the num_pages it reports.
+
+Page ops: `page_ops(PageOps)` copies, swaps (host pool of spec.swap_slots pages), reads and writes whole KV
+pages through pie.drivers.page_mover, on the same stream as forward passes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
+from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, page_bytes, plan_num_pages
-from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.page_mover import PageMover
+from pie.drivers.protocol import (
+    PROTOCOL_VERSION,
+    BatchError,
+    Capabilities,
+    ForwardBatch,
+    ForwardResult,
+    PageOps,
+    PageOpsResult,
+)
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
@@ -141,6 +155,9 @@ class ModelExecutor:
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
         self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views [num_pages, 2, ps, Hkv, D]
+        self.page_mover = PageMover(self.kv_caches, spec.swap_slots, self.device)
+        weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
+        self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, self.kv_caches)
         self.backend = create_backend(
             spec.attention_backend,
             num_qo_heads=cfg.num_heads,
@@ -150,6 +167,7 @@ class ModelExecutor:
             dtype=self.dtype,
             device=self.device,
         )
+        self._prev_tokens: torch.Tensor | None = None  # sampled tokens of the last batch, on the device
         self.graphs = None  # DecodeGraphRunner when CUDA graphs are on
         if scratch_pages:
             from pie.drivers.cuda_graphs import flashinfer_graph_runner
@@ -179,6 +197,9 @@ class ModelExecutor:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             num_layers=cfg.num_layers,
+            num_swap_slots=self.page_mover.num_swap_slots,
+            page_nbytes=self.page_mover.page_nbytes,
+            kv_fingerprint=self.kv_fingerprint,
             extra={
                 "attention_backend": self.backend.name,
                 "max_position_embeddings": cfg.max_position_embeddings,
@@ -218,28 +239,77 @@ class ModelExecutor:
                 raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
-        """One forward pass; returns host (numpy) results for the batch's output rows.
+        """One forward pass, waited for (see launch)."""
+        return self.launch(batch)()
+
+    def launch(self, batch: ForwardBatch) -> Callable[[], ForwardResult]:
+        """Queue one forward pass on the device; returns a function that waits for it and gives the host
+        (numpy) results of the batch's output rows. The device->host copies are asynchronous (pinned), so
+        a driver can launch the next batch before waiting for this one.
 
         Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
         every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
         self.check_batch(batch)
+        prev, self._prev_tokens = self._prev_tokens, None  # a failed batch leaves no tokens to feed
+        feed = None
+        if batch.prev_token_rows is not None:
+            feed = self._feeder(batch.prev_token_rows, prev)
         with torch.inference_mode():
             logits = None
             if self.graphs is not None and self.graphs.accepts(batch):
-                logits = self.graphs.run(batch)  # [O, V] fp32; None when its capture failed (now eager)
+                logits = self.graphs.run(batch, feed)  # [O, V] fp32; None when its capture failed (now eager)
             if logits is None:
-                logits = self._forward_eager(batch)
+                logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
-                return ForwardResult(tokens=np.zeros(0, dtype=np.int64))
+                self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+                empty = ForwardResult(tokens=np.zeros(0, dtype=np.int64))
+                return lambda: empty
             return self._sample(batch, logits)
 
-    def _forward_eager(self, batch: ForwardBatch) -> torch.Tensor | None:
+    def _feeder(self, rows: np.ndarray, prev: torch.Tensor | None):
+        """In-place fill of input ids [T] (device) from the previous batch's sampled tokens [O_prev]
+        (ForwardBatch.prev_token_rows); rows past them (or after a failed batch) get token 0."""
+        at = np.flatnonzero(rows >= 0)
+        if at.size == 0:
+            return None
+        src = rows[at].astype(np.int64)
+        n = 0 if prev is None else int(prev.shape[0])
+        dev = self.device
+        at_t = torch.from_numpy(at).to(dev, non_blocking=True)
+        if n == 0:
+
+            def fill(ids: torch.Tensor) -> None:
+                ids.index_fill_(0, at_t, 0)
+
+            return fill
+        ok = src < n
+        src_t = torch.from_numpy(np.where(ok, src, 0)).to(dev, non_blocking=True)
+        ok_t = torch.from_numpy(ok).to(dev, non_blocking=True)
+
+        def fill(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, at_t, torch.where(ok_t, prev.index_select(0, src_t), 0).to(ids.dtype))
+
+        return fill
+
+    def page_ops(self, ops: PageOps) -> PageOpsResult:
+        """Apply KV page movements (order and byte layout: protocol.PageOps); BatchError for bad ops.
+
+        Serialized with `execute` by the caller (one thread), and enqueued on the same stream, so a forward
+        pass after it sees the moved pages."""
+        mover = self.page_mover
+        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes)
+        with torch.inference_mode():
+            return mover.apply(ops)
+
+    def _forward_eager(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
         dev = self.device
         meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
         self.backend.plan(meta)
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
         input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
+        if feed is not None:
+            feed(input_ids)
         positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, ctx)  # [T, H]
         if batch.num_outputs == 0:
@@ -247,27 +317,46 @@ class ModelExecutor:
         rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [O, V] fp32
 
-    def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> ForwardResult:
+    def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> Callable[[], ForwardResult]:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
         dev = self.device
         out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
-        # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides
-        # on the token copy: a row with a NaN gets token -1, found on the host, no extra sync.
-        tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
+        self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
+        # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
+        # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
+        host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
         keep_rows = np.flatnonzero(batch.return_logits)
         kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
-        # single device -> host transfer point
-        host_tokens = _np(tokens, np.int64)
-        if (host_tokens < 0).any():
-            raise DriverError(nan_message(np.flatnonzero(host_tokens < 0), len(host_tokens), self.spec))
-        return ForwardResult(
-            tokens=host_tokens,
-            logprobs=_np(out.logprobs, np.float32),
-            entropies=_np(out.entropies, np.float32),
-            logits=_np(kept, np.float32),
-            dist_ids=_np(out.dist_ids, np.int64),
-            dist_probs=_np(out.dist_probs, np.float32),
-        )
+        # the single device -> host transfer point: asynchronous copies into pinned memory, waited for
+        # by the returned function (an event, not a device-wide sync)
+        fields = {
+            "tokens": (host_tokens, np.int64),
+            "logprobs": (out.logprobs, np.float32),
+            "entropies": (out.entropies, np.float32),
+            "logits": (kept, np.float32),
+            "dist_ids": (out.dist_ids, np.int64),
+            "dist_probs": (out.dist_probs, np.float32),
+        }
+        host = {
+            k: (None if t is None else t.detach().to("cpu", non_blocking=True), dt)
+            for k, (t, dt) in fields.items()
+        }
+        event = None
+        if dev.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+
+        def result() -> ForwardResult:
+            if event is not None:
+                event.synchronize()
+            res = ForwardResult(
+                **{k: None if t is None else t.numpy().astype(dt, copy=False) for k, (t, dt) in host.items()}
+            )
+            if (res.tokens < 0).any():
+                raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
+            return res
+
+        return result
 
 
 def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:
@@ -281,7 +370,3 @@ def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:
         f"the model produced NaN logits for {len(rows)} of {num_rows} output rows (rows {shown}); "
         f"the forward pass failed instead of sampling from them; {hint}"
     )
-
-
-def _np(t: torch.Tensor | None, dtype) -> np.ndarray | None:
-    return None if t is None else t.detach().to("cpu").numpy().astype(dtype, copy=False)

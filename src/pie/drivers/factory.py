@@ -14,6 +14,7 @@ from pie.errors import ConfigError
 
 def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     from pie.models.check import check_model_dir
+    from pie.models.config import read_model_config
     from pie.models.hub import resolve_model_dir
 
     d, o = entry.driver, entry.driver.options
@@ -26,6 +27,7 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     # Fail here, before a driver process starts, on a checkpoint the executor would reject
     # (config normalization, safetensors headers; the tokenizer is the engine's).
     check_model_dir(model_path, tokenizer=False)
+    model_config = read_model_config(model_path)
     common = dict(
         model_path=str(model_path),
         device=d.device[0],
@@ -39,11 +41,41 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     if d.type == "cuda_native":
         # CUDA graphs for decode: the fast path's point (pie.drivers.cuda_graphs); on only with FlashInfer.
         return ExecutorSpec(
-            **common, kv_policy="cuda_native", max_num_kv_pages=o.max_num_kv_pages, cuda_graphs=True
+            **common,
+            kv_policy="cuda_native",
+            max_num_kv_pages=o.max_num_kv_pages,
+            swap_slots=o.swap_pool_size,
+            cuda_graphs=True,
         )
     if d.type == "dev":
-        return ExecutorSpec(**common, kv_policy="dev", max_dist_size=o.max_dist_size)
+        return ExecutorSpec(
+            **common,
+            kv_policy="dev",
+            max_dist_size=o.max_dist_size,
+            max_num_kv_pages=o.max_num_kv_pages,
+            swap_slots=swap_slots_for_budget(entry, model_config),
+        )
     raise ConfigError(f"model {entry.name!r}: unknown driver type {d.type!r}; use cuda_native or dev")
+
+
+def swap_slots_for_budget(entry: ModelEntry, model_config) -> int:
+    """dev's cpu_mem_budget_in_gb as a count of host swap slots: floor(budget / bytes of one KV page)."""
+    import torch
+
+    from pie.drivers.kv_plan import GiB, page_bytes
+
+    d, o = entry.driver, entry.driver.options
+    budget = o.cpu_mem_budget_in_gb
+    if budget == 0:
+        return 0
+    nbytes = page_bytes(model_config, o.kv_page_size, getattr(torch, d.activation_dtype))
+    slots = int(budget * GiB // nbytes)
+    if slots < 1:
+        raise ConfigError(
+            f"model {entry.name!r}: cpu_mem_budget_in_gb = {budget:g} holds no KV page (one page takes "
+            f"{nbytes / 2**20:.2f} MiB); raise it, or set 0 to disable swap"
+        )
+    return slots
 
 
 def create_driver(entry: ModelEntry, in_process: bool = False) -> Driver:

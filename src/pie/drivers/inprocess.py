@@ -1,7 +1,7 @@
 """A driver that runs the ModelExecutor in this process, on one worker thread.
 
-The executor is built and every batch executed on the same single thread (FIFO), so forward
-calls run in submission order and the event loop stays free to schedule the next batch while
+The executor is built and every batch and page movement executed on the same single thread (FIFO),
+so forward and page_ops calls run in submission order and the event loop stays free to schedule the next batch while
 torch works (torch releases the GIL inside its kernels).
 """
 
@@ -12,7 +12,7 @@ import gc
 from concurrent.futures import ThreadPoolExecutor
 
 from pie.drivers.base import Driver
-from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError, PieError
 
@@ -22,7 +22,17 @@ class InProcessDriver(Driver):
         self.spec = spec
         self.executor = None  # pie.drivers.executor.ModelExecutor once started
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver")
+        # waits for launched batches, so the driver thread can launch the next one meanwhile (FIFO)
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver-wait")
         self._closed = False
+
+    @classmethod
+    def from_executor(cls, executor) -> InProcessDriver:
+        """A started driver over an executor built elsewhere (pie bench --e2e shares its executor)."""
+        d = cls(executor.spec)
+        d.executor = executor
+        d.capabilities = executor.capabilities
+        return d
 
     def _build(self):
         from pie.drivers.executor import ModelExecutor
@@ -49,11 +59,23 @@ class InProcessDriver(Driver):
             raise DriverError("the driver is not running (not started, or shut down)")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self.executor.execute, batch)
+            done = await loop.run_in_executor(self._pool, self.executor.launch, batch)
+            return await loop.run_in_executor(self._waiter, done)
         except (PieError, BatchError):
             raise
         except Exception as e:  # e.g. CUDA out of memory: this batch fails, the driver stays up
             raise DriverError(f"forward pass failed: {type(e).__name__}: {e}") from e
+
+    async def page_ops(self, ops: PageOps) -> PageOpsResult:
+        if self.executor is None or self._closed:
+            raise DriverError("the driver is not running (not started, or shut down)")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self.executor.page_ops, ops)
+        except (PieError, BatchError):
+            raise
+        except Exception as e:
+            raise DriverError(f"page ops failed: {type(e).__name__}: {e}") from e
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -62,8 +84,12 @@ class InProcessDriver(Driver):
         # wait for a batch still running, then drop the executor (weights, KV cache) on its thread
         await asyncio.get_running_loop().run_in_executor(self._pool, self._release)
         self._pool.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)
 
     def _release(self) -> None:
+        mover = getattr(self.executor, "page_mover", None)
+        if mover is not None:
+            mover.close()  # unpin the swap pool while CUDA is certainly up
         self.executor = None
         gc.collect()
         try:

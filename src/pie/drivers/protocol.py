@@ -30,11 +30,15 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+from pie.errors import PieError
+
+PROTOCOL_VERSION = (
+    3  # 2: PageOps, Capabilities.num_swap_slots / page_nbytes / kv_fingerprint; 3: prev_token_rows
+)
 
 
-class BatchError(ValueError):
-    """A ForwardBatch that breaks the contract; the message says which field and why."""
+class BatchError(PieError, ValueError):
+    """A ForwardBatch or PageOps that breaks the contract; the message says which field and why."""
 
 
 def _i32(x) -> np.ndarray:
@@ -60,6 +64,10 @@ class ForwardBatch:
     return_logprobs: bool = False  # log-prob of each sampled token and entropy of each row
     mask: np.ndarray | None = None  # flat bool, see module docstring
     mask_indptr: np.ndarray | None = None  # [R+1] int64
+    # [T] int32 or None: >= 0 takes that token from the sampled tokens of the previous forward pass this
+    # driver ran (output row index), on the device: lets the runtime queue a generation's next step before
+    # the previous one has returned. -1 uses token_ids. A row past the previous result feeds token 0.
+    prev_token_rows: np.ndarray | None = None
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -123,6 +131,8 @@ class ForwardBatch:
                 raise BatchError("mask_indptr must delimit [n_r, kv_len_r] blocks per request")
             if self.mask.shape != (int(expect[-1]),):
                 raise BatchError("mask length does not match mask_indptr")
+        if self.prev_token_rows is not None and self.prev_token_rows.shape != (T,):
+            raise BatchError(f"prev_token_rows must have one entry per token ({T})")
 
     # ---- (de)serialization for the dev driver's channel ------------------
     def to_wire(self) -> dict:
@@ -154,6 +164,131 @@ class ForwardResult:
         return cls(**{k: _arr_from_wire(v) for k, v in d.items()})
 
 
+def _pairs() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int32)
+
+
+def _ids() -> np.ndarray:
+    return np.zeros(0, dtype=np.int32)
+
+
+@dataclass
+class PageOps:
+    """KV page movements, applied by the driver in this order, serialized with forward passes in
+    submission order (a forward submitted after a PageOps sees its effect; one submitted before does not):
+
+    1. swap_out  [S,2] int32 rows (device page, host slot): copy device page -> host swap slot
+    2. copy      [C,2] int32 rows (src page, dst page): device -> device, every layer, K and V
+    3. swap_in   [S,2] int32 rows (host slot, device page)
+    4. write     [W] int32 device pages, filled from write_data [W, page_nbytes] uint8 (raw bytes of the
+                 cache dtype)
+    5. read      [R] int32 device pages whose raw bytes come back in PageOpsResult.data [R, page_nbytes] uint8
+
+    A page's raw bytes are the concatenation over layers (layer 0 first) of that layer's page
+    [2 (K, V), page_size, num_kv_heads, head_dim] in the cache dtype; they are only meaningful to a driver
+    whose Capabilities.kv_fingerprint is the same. Within one step every source is read before any
+    destination of that step is written (so a copy may name a page both as a source and a destination);
+    destinations within a step must be distinct (two writers of one page would race).
+    """
+
+    swap_out: np.ndarray = field(default_factory=_pairs)  # [S, 2] int32 (device page, host slot)
+    copy: np.ndarray = field(default_factory=_pairs)  # [C, 2] int32 (src page, dst page)
+    swap_in: np.ndarray = field(default_factory=_pairs)  # [S, 2] int32 (host slot, device page)
+    write: np.ndarray = field(default_factory=_ids)  # [W] int32 device pages
+    read: np.ndarray = field(default_factory=_ids)  # [R] int32 device pages
+    write_data: np.ndarray | None = None  # [W, page_nbytes] uint8
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            len(self.swap_out) or len(self.copy) or len(self.swap_in) or len(self.write) or len(self.read)
+        )
+
+    def validate(self, num_pages: int, num_swap_slots: int, page_nbytes: int) -> None:
+        """Raise BatchError if the ops break the contract (shapes, dtypes, ranges, duplicate destinations)."""
+        for name in ("swap_out", "copy", "swap_in"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape[1] != 2 or a.dtype.kind not in "iu":
+                raise BatchError(
+                    f"PageOps.{name} must be an integer array of shape [n, 2], got {_describe(a)}"
+                )
+        for name in ("write", "read"):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+                raise BatchError(f"PageOps.{name} must be an integer array of shape [n], got {_describe(a)}")
+        if (len(self.swap_out) or len(self.swap_in)) and num_swap_slots < 1:
+            raise BatchError(
+                "PageOps swaps pages but this driver has no host swap pool (num_swap_slots is 0); "
+                "enable one with swap_pool_size (cuda_native) or cpu_mem_budget_in_gb (dev)"
+            )
+        pages = f"device page (0..{num_pages - 1})"
+        slots = f"host swap slot (0..{num_swap_slots - 1})"
+        _check_range(self.swap_out[:, 0], num_pages, "swap_out", pages)
+        _check_range(self.swap_out[:, 1], num_swap_slots, "swap_out", slots)
+        _check_range(self.copy[:, 0], num_pages, "copy", f"source {pages}")
+        _check_range(self.copy[:, 1], num_pages, "copy", f"destination {pages}")
+        _check_range(self.swap_in[:, 0], num_swap_slots, "swap_in", slots)
+        _check_range(self.swap_in[:, 1], num_pages, "swap_in", pages)
+        _check_range(self.write, num_pages, "write", pages)
+        _check_range(self.read, num_pages, "read", pages)
+        _check_unique(self.swap_out[:, 1], "swap_out", "host slot")
+        _check_unique(self.copy[:, 1], "copy", "destination page")
+        _check_unique(self.swap_in[:, 1], "swap_in", "device page")
+        _check_unique(self.write, "write", "device page")
+        W = len(self.write)
+        if W == 0:
+            if self.write_data is not None and self.write_data.size:
+                raise BatchError("PageOps.write_data is given but write names no pages")
+            return
+        d = self.write_data
+        if d is None:
+            raise BatchError(f"PageOps.write names {W} pages but write_data is missing")
+        if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or d.shape != (W, page_nbytes):
+            raise BatchError(
+                f"PageOps.write_data must be uint8 of shape [{W}, {page_nbytes}] (one row of raw page bytes per "
+                f"written page; page_nbytes comes from Capabilities), got {_describe(d)}"
+            )
+
+    def to_wire(self) -> dict:
+        return {f.name: _arr_to_wire(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> PageOps:
+        return cls(**{k: _arr_from_wire(v) for k, v in d.items()})
+
+
+@dataclass
+class PageOpsResult:
+    data: np.ndarray | None = None  # [R, page_nbytes] uint8, the pages of PageOps.read in order
+
+    def to_wire(self) -> dict:
+        return {"data": _arr_to_wire(self.data)}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> PageOpsResult:
+        return cls(data=_arr_from_wire(d["data"]))
+
+
+def _describe(a) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype} array of shape {list(a.shape)}"
+    return type(a).__name__
+
+
+def _check_range(a: np.ndarray, n: int, op: str, what: str) -> None:
+    if a.size and (a.min() < 0 or a.max() >= n):
+        bad = int(a[(a < 0) | (a >= n)][0])
+        raise BatchError(f"PageOps.{op}: {bad} is not a valid {what}")
+
+
+def _check_unique(a: np.ndarray, op: str, what: str) -> None:
+    if a.size > 1:
+        s = np.sort(a)
+        dup = s[1:][s[1:] == s[:-1]]
+        if dup.size:
+            raise BatchError(f"PageOps.{op} names {what} {int(dup[0])} as a destination twice")
+
+
 @dataclass
 class Capabilities:
     """A driver's answer to the handshake, before the first forward pass."""
@@ -170,6 +305,11 @@ class Capabilities:
     dtype: str
     num_layers: int = 0
     extra: dict = field(default_factory=dict)
+    # Page movement (PageOps): host swap slots, bytes of one page across all layers, and a string that
+    # differs whenever saved page bytes would not be valid here (model, weights, page size, KV dtype/layout).
+    num_swap_slots: int = 0
+    page_nbytes: int = 0
+    kv_fingerprint: str = ""
 
     def to_wire(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

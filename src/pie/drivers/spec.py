@@ -19,6 +19,7 @@ class ExecutorSpec:
     gpu_mem_utilization: float = 0.8
     max_num_kv_pages: int | None = None
     num_pages: int | None = None  # explicit page count (tests); overrides planning
+    swap_slots: int = 0  # pages of host memory for PageOps swap_out / swap_in (0: no swap pool)
     max_batch_tokens: int = 10240
     max_batch_size: int = 512
     max_dist_size: int = 32

@@ -1,110 +1,117 @@
-"""Choosing the next batch from the queue (FIFO, within caps, chunked prefill) and building it.
+"""Building one ForwardBatch from the scheduler's chunks, and splitting its result back.
 
-A chunk is tokens [start, start + count) of one pass. Its KV length is the pass's truncated
-to the chunk's end: kv_start + start + count, so its page list, last-page fill and mask
-(rows start..start+count, columns 0..kv_len) are recomputed here. Its outputs are the pass's
-(sorted) output rows that fall inside the chunk.
-
-Arrays are built per request with numpy slicing and one concatenate per field (no per-token loop).
+A chunk is the slot range [lo, hi) of one sequence computed in this batch. Its KV length is hi, so
+its pages are seq.pages[:ceil(hi / page_size)] and its last page holds hi - (n - 1) * page_size slots.
+Its outputs are slots in [lo, hi), each with a SAMPLER_DTYPE row; `feed` >= 0 means its first token
+is the one sampled at that output row of the previous batch (a generation step queued before the
+previous step returned; see ForwardBatch.prev_token_rows).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from pie.drivers.protocol import ForwardBatch, ForwardResult
-from pie.runtime.passes import SAMPLER_DTYPE, PassRequest
+from pie.runtime.work import SAMPLER_DTYPE, Work
 
 _RECORD = np.dtype((np.void, SAMPLER_DTYPE.itemsize))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Chunk:
-    p: PassRequest
-    start: int  # first token of the pass in this chunk
-    count: int  # tokens in this chunk
-    out_lo: int  # the chunk's outputs are p.sorted_outputs[out_lo:out_hi]
-    out_hi: int
-
-    @property
-    def is_last(self) -> bool:
-        return self.start + self.count == self.p.num_tokens
-
-
-def select(queue: deque[PassRequest], max_tokens: int, max_requests: int) -> list[Chunk]:
-    """The next batch: a FIFO prefix of the queue (dropped passes skipped), within both caps.
-
-    The first pass that does not fit in the token budget is split: its first chunk fills the
-    budget, and it stays at the head of the queue for the next step (a pass that cannot be split,
-    see PassRequest.chunkable, waits for the next step instead). Pure: the queue is unchanged.
-    """
-    chunks: list[Chunk] = []
-    budget = max_tokens
-    for p in queue:
-        if p.dropped:
-            continue
-        if len(chunks) == max_requests or budget == 0:
-            break
-        count = min(p.num_tokens - p.scheduled, budget)
-        if count < p.num_tokens - p.scheduled and not p.chunkable:
-            break
-        if p.scheduled == 0 and count == p.num_tokens:  # the whole pass: every output
-            lo, hi = 0, p.sorted_outputs.shape[0]
-        else:
-            lo, hi = np.searchsorted(p.sorted_outputs, [p.scheduled, p.scheduled + count]).tolist()
-        chunks.append(Chunk(p, p.scheduled, count, lo, hi))
-        budget -= count
-    return chunks
+    work: Work
+    lo: int
+    hi: int
+    out_slots: np.ndarray | None  # [k] int64 slots in [lo, hi); None: a generation step (one output, hi - 1)
+    samplers: np.ndarray  # [k] SAMPLER_DTYPE (a step: [1])
+    feed: int = -1
+    is_step: bool = False  # a generation step (its output is the next token)
 
 
 def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
-    counts = np.array([c.count for c in chunks], dtype=np.int64)
-    starts = np.array([c.start for c in chunks], dtype=np.int64)
-    qo_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
+    R = len(chunks)
+    tokens: list[int] = []
+    positions: list[int] = []
+    pages: list[int] = []
+    his: list[int] = []
+    los: list[int] = []
+    records: list[np.ndarray] = []
+    feeds = None
+    all_steps = True
+    for c in chunks:
+        s = c.work.seq
+        lo, hi = c.lo, c.hi
+        los.append(lo)
+        his.append(hi)
+        if hi - lo == 1:  # a decode row: no slicing
+            tokens.append(s.tokens[lo])
+            positions.append(s.positions[lo])
+        else:
+            tokens += s.tokens[lo:hi]
+            positions += s.positions[lo:hi]
+        pages += s.pages[: (hi + page_size - 1) // page_size]
+        if c.feed >= 0:
+            if feeds is None:
+                feeds = []
+            feeds.append((len(tokens) - (hi - lo), c.feed))
+        if c.out_slots is None and c.samplers is c.work.samplers:  # an unseeded step: its cached record
+            rec = c.work.__dict__.get("_rec")
+            if rec is None:
+                rec = c.work.__dict__["_rec"] = c.samplers.view(_RECORD)
+            records.append(rec)
+        else:
+            records.append(c.samplers.view(_RECORD))
+            all_steps = all_steps and c.out_slots is None
+    lo = np.array(los, dtype=np.int64)
+    hi = np.array(his, dtype=np.int64)
+    counts = hi - lo
+    qo_indptr = np.zeros(R + 1, dtype=np.int32)
     np.cumsum(counts, out=qo_indptr[1:])
-
-    # KV length of each chunk's request once the chunk is appended
-    kv_len = np.array([c.p.kv_start for c in chunks], dtype=np.int64) + starts + counts
-    num_pages = (kv_len + page_size - 1) // page_size
-    last_page_len = kv_len - (num_pages - 1) * page_size
-    page_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
+    num_pages = (hi + page_size - 1) // page_size
+    last_page_len = (hi - (num_pages - 1) * page_size).astype(np.int32)
+    page_indptr = np.zeros(R + 1, dtype=np.int32)
     np.cumsum(num_pages, out=page_indptr[1:])
+    token_ids = np.array(tokens, dtype=np.int64)
+    prev_rows = None
+    if feeds is not None:
+        prev_rows = np.full(token_ids.shape[0], -1, dtype=np.int32)
+        at, rows = zip(*feeds, strict=True)
+        prev_rows[list(at)] = rows
+        token_ids[list(at)] = 0  # placeholders (-1) until the device fills them
 
-    # outputs: local sorted rows - chunk start + the chunk's first global row
-    out_counts = np.array([c.out_hi - c.out_lo for c in chunks], dtype=np.int64)
-    local = np.concatenate([c.p.sorted_outputs[c.out_lo : c.out_hi] for c in chunks])
-    outputs = local + np.repeat(qo_indptr[:-1] - starts, out_counts)
-    # concatenated as raw records: numpy's structured concatenate promotes fields pairwise (~6 us a part)
-    raw = np.concatenate([c.p.samplers[c.out_lo : c.out_hi].view(_RECORD) for c in chunks])
-    samplers = raw.view(SAMPLER_DTYPE)
-    # fields of a structured array are strided views; copy() gives each its own dense buffer
-    # (ascontiguousarray would keep a 1-element view with the record's stride)
+    if all_steps:  # generation steps: one output each, the chunk's last row
+        outs = qo_indptr[1:].astype(np.int64) - 1
+    else:
+        out_counts = np.fromiter(
+            (1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks), np.int64, R
+        )
+        slots = [np.array([c.hi - 1]) if c.out_slots is None else c.out_slots for c in chunks]
+        outs = np.concatenate(slots).astype(np.int64) + np.repeat(qo_indptr[:-1] - lo, out_counts)
+    samplers = np.concatenate(records).view(SAMPLER_DTYPE) if records else np.zeros(0, SAMPLER_DTYPE)
 
     mask = mask_indptr = None
-    if any(c.p.mask is not None for c in chunks):
+    if any(c.work.mask is not None for c in chunks):
         blocks = []
-        for c, kv in zip(chunks, kv_len.tolist(), strict=True):
-            if c.p.mask is None:  # causal over slots: row i sees slots 0..kv - count + i
-                blocks.append(np.tri(c.count, kv, k=kv - c.count, dtype=bool).reshape(-1))
-            else:
-                blocks.append(c.p.mask[c.start : c.start + c.count, :kv].reshape(-1))
+        for c in chunks:
+            rows = c.work.mask_rows(c.lo, c.hi, c.hi)
+            if rows is None:  # causal over slots: row i sees slots 0..lo + i
+                rows = np.tri(c.hi - c.lo, c.hi, k=c.lo, dtype=bool)
+            blocks.append(rows.reshape(-1))
         mask = np.concatenate(blocks)
-        mask_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(counts * kv_len, out=mask_indptr[1:])
+        mask_indptr = np.zeros(R + 1, dtype=np.int64)
+        np.cumsum(counts * hi, out=mask_indptr[1:])
 
     return ForwardBatch(
-        token_ids=np.concatenate([c.p.token_ids[c.start : c.start + c.count] for c in chunks]),
-        positions=np.concatenate([c.p.positions[c.start : c.start + c.count] for c in chunks]),
-        qo_indptr=qo_indptr.astype(np.int32),
-        kv_page_indices=np.concatenate(
-            [c.p.pages[:n] for c, n in zip(chunks, num_pages.tolist(), strict=True)]
-        ),
-        kv_page_indptr=page_indptr.astype(np.int32),
-        kv_last_page_len=last_page_len.astype(np.int32),
-        output_indices=outputs.astype(np.int32),
+        token_ids=token_ids,
+        positions=np.array(positions, dtype=np.int64),
+        qo_indptr=qo_indptr,
+        kv_page_indices=np.array(pages, dtype=np.int32),
+        kv_page_indptr=page_indptr,
+        kv_last_page_len=last_page_len,
+        output_indices=outs.astype(np.int32),
+        # fields of a structured array are strided views; copy() gives each its own dense buffer
         temperature=samplers["temperature"].copy(),
         top_k=samplers["top_k"].copy(),
         top_p=samplers["top_p"].copy(),
@@ -112,17 +119,17 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
         seed=samplers["seed"].copy(),
         dist_k=samplers["dist_k"].copy(),
         return_logits=samplers["return_logits"].copy(),
-        return_logprobs=any(c.p.return_logprobs for c in chunks),
+        return_logprobs=any(c.work.return_logprobs for c in chunks),
         mask=mask,
         mask_indptr=mask_indptr,
+        prev_token_rows=prev_rows,
     )
 
 
 def split_result(result: ForwardResult, batch: ForwardBatch, chunks: list[Chunk]) -> list[ForwardResult]:
     """Each chunk's rows of a batch result (outputs are contiguous per chunk, in chunk order)."""
     out_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum([c.out_hi - c.out_lo for c in chunks], out=out_indptr[1:])
-    # logits rows exist only for outputs with return_logits
+    np.cumsum([1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks], out=out_indptr[1:])
     logit_indptr = np.concatenate([[0], np.cumsum(batch.return_logits)])[out_indptr]
 
     def rows(a, lo, hi):

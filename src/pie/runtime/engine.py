@@ -26,9 +26,11 @@ from pie.drivers.protocol import PROTOCOL_VERSION, Capabilities
 from pie.errors import DriverError, ModelError
 from pie.inferlets.loader import load_inferlet
 from pie.models.tokenizer import Tokenizer
+from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import DEFAULT_HINT, PageAllocator
 from pie.runtime.scheduler import Scheduler
 from pie.runtime.scope import InferletScope, set_scope
+from pie.runtime.snapshots import SnapshotStore
 
 
 @dataclass(eq=False)
@@ -40,7 +42,12 @@ class ModelRuntime:
     tokenizer: Tokenizer | None
     capabilities: Capabilities
     allocator: PageAllocator
+    kv: KVCache
     scheduler: Scheduler
+    snapshots: SnapshotStore
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
 
 
 def _stderr(msg: str) -> None:
@@ -62,6 +69,7 @@ class Engine:
         self._hints: dict[str, str] = {}
         self.default_model = config.default_model.name if config is not None else None
         self._started = False
+        self._given_snapshot_dir: str | Path | None = None
 
     @classmethod
     def from_drivers(
@@ -69,12 +77,14 @@ class Engine:
         drivers: dict[str, tuple[Driver, Tokenizer | None]],
         default: str | None = None,
         progress: Callable[[str], None] = lambda _msg: None,
+        snapshot_dir: str | Path | None = None,
     ) -> Engine:
         """An engine over drivers built elsewhere (tests); start() starts those not yet started."""
         if not drivers:
             raise ValueError("from_drivers needs at least one model")
         engine = cls(None, progress=progress)
         engine._given = dict(drivers)
+        engine._given_snapshot_dir = snapshot_dir
         engine.default_model = default or next(iter(drivers))
         return engine
 
@@ -123,15 +133,35 @@ class Engine:
                 f"{PROTOCOL_VERSION}; reinstall the driver environment from this pie"
             )
         allocator = PageAllocator(caps.num_pages, hint)
-        scheduler = Scheduler(driver, caps)
+        kv = KVCache(allocator, caps.page_size, getattr(caps, "num_swap_slots", 0))
+        scheduler = Scheduler(driver, caps, kv, hint)
+        fingerprint = (
+            getattr(caps, "kv_fingerprint", "") or f"{caps.architecture}/page{caps.page_size}/{caps.dtype}"
+        )
+        snapshots = SnapshotStore(kv, scheduler, self._snapshot_dir(name), fingerprint)
         scheduler.start()
-        self.models[name] = ModelRuntime(name, driver, tok, caps, allocator, scheduler)
+        self.models[name] = ModelRuntime(name, driver, tok, caps, allocator, kv, scheduler, snapshots)
         self.progress(
             f"pie: model {name!r} ready in {time.monotonic() - t0:.1f}s: {caps.architecture} on {caps.device} "
             f"({caps.dtype}), {caps.num_pages} KV pages x {caps.page_size} tokens"
         )
 
+    def _snapshot_dir(self, model: str) -> Path | None:
+        """<[runtime] snapshot_dir>/<model name>, relative paths under $PIE_HOME; None: memory only."""
+        runtime = getattr(self.config, "runtime", None) if self.config is not None else None
+        d = getattr(runtime, "snapshot_dir", None) or self._given_snapshot_dir
+        if not d:
+            return None
+        from pie.paths import pie_home
+
+        path = Path(d).expanduser()
+        if not path.is_absolute():
+            path = pie_home() / path
+        return path / model
+
     async def shutdown(self) -> None:
+        for rt in self.models.values():
+            await rt.snapshots.flush()
         for rt in self.models.values():
             await rt.scheduler.stop()
         errors = []

@@ -1,16 +1,22 @@
-"""Continuous batching for one driver.
+"""Continuous batching for one driver: decode first, prefill in the leftover budget, memory on demand.
 
-Each step takes a FIFO prefix of the queued passes of all live inferlets, within the
-driver's max_batch_tokens and max_batch_size; a pass that does not fit is prefilled in chunks
-(see batching.py). One batch is in flight per driver; while it runs, the loop builds the next
-one from what is queued, and rebuilds it after the step only if it had room and more work came.
+Each step:
+  1. Decodes first: every work with at most DECODE_TOKENS slots left to compute (generation steps,
+     one-token passes, speculative verifications), least recently run first, within max_batch_size.
+     While prefills wait, decodes leave them at least one batch row and PREFILL_RESERVE tokens, so
+     neither kind starves the other.
+  2. Prefills fill the leftover token budget in arrival order, chunked (chunked prefill).
+  3. Pages are allocated here, when a chunk is scheduled. When they run out, evictable prefix-cache
+     pages go first, then a victim sequence is preempted (see _victim for the policy). A pass that has
+     not started yet does not preempt work in progress: it waits (admission control). Only a context
+     that alone needs more pages than the whole cache fails, with a message naming the numbers.
+  4. Each chunk pins the pages it reads and writes until its batch ends; page movements the step needs
+     (copies, swaps) are sent to the driver just before the batch, in order.
 
-Pages are the contexts' business (they allocate before submitting). A context may free its pages
-while its pass is still in flight: the driver runs batches in order, so a stale write to a freed
-page lands before any batch of the page's next owner, which only reads slots it wrote itself.
-
-A batch whose driver call raises fails exactly the passes in it (same error type and message);
-the loop goes on with the rest of the queue.
+Generations (work.Generation) step inside this loop: their sampled token is fed back on the device, so
+while a batch of only generation steps runs, the next one is built and queued behind it (two batches
+in flight); the inferlet is woken only when it wants tokens. A batch whose driver call raises fails
+exactly the works in it; the loop goes on with the rest.
 """
 
 from __future__ import annotations
@@ -20,98 +26,160 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from pie.drivers.base import Driver
-from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.errors import DriverError
-from pie.runtime.batching import Chunk, build_batch, check_result, select, split_result
-from pie.runtime.passes import PassRequest, merge_parts
+from pie.runtime.batching import Chunk, build_batch, check_result, split_result
+from pie.runtime.kvcache import KVCache
+from pie.runtime.pages import OutOfPagesError
+from pie.runtime.sequence import DROPPED, RESIDENT, SWAPPED, Sequence
+from pie.runtime.work import DECODE_TOKENS, Generation, Work, merge_parts, sampler_rows, step_seed
 
 log = logging.getLogger(__name__)
 
+PREFILL_RESERVE = 256  # tokens per step kept for waiting prefills while decodes fill the batch
 
-@dataclass
-class _Plan:
+
+@dataclass(eq=False)
+class _Batch:
+    number: int
     chunks: list[Chunk]
     batch: ForwardBatch
-    version: int  # queue version it was selected from
-    is_full: bool  # no more work could have joined it
+    task: asyncio.Task
+    only_steps: bool  # every chunk is a generation step: the next batch may be queued behind it
+    pinned: np.ndarray  # pages pinned by the batch
 
 
 class Scheduler:
-    def __init__(self, driver: Driver, caps: Capabilities) -> None:
+    def __init__(self, driver: Driver, caps: Capabilities, kv: KVCache, hint: str = "") -> None:
         self.driver = driver
         self.caps = caps
-        self._queue: deque[PassRequest] = deque()
-        self._version = 0  # bumped whenever the queue gains or loses work
+        self.kv = kv
+        self.hint = hint
+        self.max_position = int(caps.extra.get("max_position_embeddings") or (1 << 62))
+        self.works: list[Work] = []  # active works, in arrival order
+        self.seqs: dict[int, Sequence] = {}  # live sequences (victims are chosen among them)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._inflight: list[Chunk] = []
+        self._inflight: deque[_Batch] = deque()
         self._dead: BaseException | None = None
+        self._arrivals = 0
         self.num_steps = 0
+        self.pipelining = True
 
     # ---- public --------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pie-scheduler")
 
     async def stop(self) -> None:
-        """Stop stepping; every queued or in-flight pass fails with DriverError."""
+        """Stop stepping; every queued or in-flight work fails with DriverError."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self._fail_all(DriverError("the engine shut down before this forward pass ran"))
         self._dead = self._dead or DriverError("the engine has shut down")
+        self._fail_all(DriverError("the engine shut down before this forward pass ran"))
 
-    def submit(self, p: PassRequest) -> asyncio.Future:
-        """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
+    def check_alive(self) -> None:
         if self._dead is not None:
             raise DriverError(f"cannot run forward passes: {self._dead}")
-        p.validate(
-            self.caps.page_size, self.caps.vocab_size, self.caps.max_dist_size, self.caps.max_batch_tokens
+
+    def add_sequence(self, seq: Sequence) -> Sequence:
+        self.seqs[seq.id] = seq
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence; its queued work is dropped, a chunk in flight finishes first."""
+        if seq.work is not None:
+            self._fail(
+                seq.work, DriverError("the context was released while this pass was queued or running")
+            )
+        self.seqs.pop(seq.id, None)
+        self.kv.release(seq)
+
+    def submit(self, w: Work) -> asyncio.Future:
+        """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
+        self.check_alive()
+        self._check_idle(w.seq)
+        w.validate(
+            self.caps.vocab_size, self.caps.max_dist_size, self.caps.max_batch_tokens, self.max_position
         )
+        self._check_fits(w.seq.num_tokens + w.num_tokens)
         fut = asyncio.get_running_loop().create_future()
-        p.prepare(fut)
-        fut.add_done_callback(lambda f, p=p: self._on_done(p, f))
-        self._queue.append(p)
-        self._version += 1
-        self._wake.set()
+        w.enter(fut)
+        fut.add_done_callback(lambda f, w=w: self._on_done(w, f))
+        self._add(w)
         return fut
+
+    def generate(self, g: Generation) -> None:
+        """Start an engine-side generation; g.event is set as tokens arrive (see Generation.wake_at)."""
+        self.check_alive()
+        self._check_idle(g.seq)
+        g.validate(
+            self.caps.vocab_size, self.caps.max_dist_size, self.caps.max_batch_tokens, self.max_position
+        )
+        g.enter(None)
+        if g.max_tokens == 0:
+            g.finish_reason = "length"
+            g.final_token = None
+            g.seq.tokens, g.seq.positions = g.seq.tokens[: g.base], g.seq.positions[: g.base]
+            g.notify()
+            return
+        self._add(g)
+
+    def _add(self, w: Work) -> None:
+        w.arrival = self._arrivals
+        self._arrivals += 1
+        w.seq.work = w
+        self.works.append(w)
+        self._wake.set()
+
+    def _check_idle(self, seq: Sequence) -> None:
+        if seq.closed:
+            raise DriverError("this context was released")
+        if seq.work is not None:
+            raise BatchError("a pass or generation is already running on this context; await it first")
+
+    def _check_fits(self, num_tokens: int) -> None:
+        need = -(-num_tokens // self.kv.ps)
+        if need > self.kv.alloc.num_pages:
+            raise OutOfPagesError(
+                f"this context needs {need} KV pages for {num_tokens} tokens, more than the whole cache "
+                f"({self.kv.alloc.num_pages} pages of {self.kv.ps} tokens); {self.hint}"
+            )
 
     @property
     def num_queued(self) -> int:
-        return len(self._queue)
+        return len(self.works)
 
     # ---- the loop ------------------------------------------------------------------------
     async def _run(self) -> None:
-        plan: _Plan | None = None
-        inflight: asyncio.Task | None = None
         try:
             while True:
-                if plan is None and self._has_work():
-                    plan = self._plan()  # built while the previous step runs
-                if inflight is not None:
-                    await asyncio.wait([inflight])
-                    self._finish(inflight)
-                    inflight = None
-                    await asyncio.sleep(0)  # let woken inferlets queue their next passes
-                    if plan is not None and not plan.is_full and plan.version != self._version:
-                        plan = None  # more work came (or some left): select again
-                    if plan is None and self._has_work():
-                        plan = self._plan()
-                if plan is None:
+                while self.works and self._may_launch():
+                    chunks = self._plan()
+                    if not chunks:
+                        break
+                    self._launch(chunks)
+                if not self._inflight:
                     self._wake.clear()
-                    if not self._has_work():
+                    if not self._plannable():
                         await self._wake.wait()
+                    else:
+                        await asyncio.sleep(0)  # memory is short and nothing runs: let releases happen
+                        if not self._inflight and not self._progress_possible():
+                            await self._wake.wait()
                     continue
-                if plan.version != self._version and any(c.p.dropped for c in plan.chunks):
-                    plan = self._plan()  # a pass in it was cancelled or failed
-                    if plan is None:
-                        continue
-                inflight = self._launch(plan)
-                plan = None
+                head = self._inflight[0]
+                await asyncio.wait([head.task])
+                self._inflight.popleft()
+                self._finish(head)
+                await asyncio.sleep(0)  # let woken inferlets queue their next passes
         except asyncio.CancelledError:
-            if inflight is not None:  # let the driver finish it before anyone shuts the driver down
-                await asyncio.gather(inflight, return_exceptions=True)
+            for b in self._inflight:  # let the driver finish them before anyone shuts the driver down
+                await asyncio.gather(b.task, return_exceptions=True)
             raise
         except BaseException as e:  # a bug here must not leave inferlets waiting forever
             log.exception("scheduler loop crashed")
@@ -119,84 +187,469 @@ class Scheduler:
             self._fail_all(DriverError(f"scheduler crashed: {type(e).__name__}: {e}"))
             raise
 
-    def _has_work(self) -> bool:
-        return bool(self._queue)
+    def _may_launch(self) -> bool:
+        if not self._inflight:
+            return True
+        return self.pipelining and len(self._inflight) == 1 and self._inflight[0].only_steps
 
-    def _plan(self) -> _Plan | None:
-        chunks = select(self._queue, self.caps.max_batch_tokens, self.caps.max_batch_size)
-        if not chunks:
+    def _plannable(self) -> bool:
+        return any(self._wants(w) for w in self.works)
+
+    def _progress_possible(self) -> bool:
+        """Whether a plan could succeed now (memory may have been freed by a release)."""
+        return any(self._wants(w) for w in self.works) and self.kv.num_available() > 0
+
+    def _wants(self, w: Work) -> bool:
+        if w.failed:
+            return False
+        if w.is_generation:
+            g: Generation = w  # type: ignore[assignment]
+            if g.steps == 0:
+                return w.seq.kv_len < w.seq.num_tokens
+            if not g.wants_step():
+                return False
+            # its previous step must have returned, or be the batch in flight (fed back on the device)
+            return g.done_steps == g.steps or (
+                g.done_steps == g.steps - 1
+                and bool(self._inflight)
+                and self._inflight[-1].number == g.last_batch
+            )
+        return w.seq.kv_len < w.seq.num_tokens
+
+    # ---- planning ------------------------------------------------------------------------
+    def _plan(self) -> list[Chunk]:
+        budget, rows = self.caps.max_batch_tokens, self.caps.max_batch_size
+        ps = self.kv.ps
+        last = self._inflight[-1].number if self._inflight else -2
+        steps: list[Generation] = []  # generation steps fed from the batch in flight (the hot path)
+        decodes: list[Work] = []
+        prefills: list[Work] = []
+        for w in self.works:
+            if w.failed:
+                continue
+            seq = w.seq
+            if w.is_generation and w.steps:  # type: ignore[attr-defined]
+                g: Generation = w  # type: ignore[assignment]
+                if g.finish_reason is not None or g.error is not None or g.steps >= g.max_tokens:
+                    continue
+                ahead = g.steps - g.done_steps
+                if ahead == 1:
+                    if g.last_batch == last and seq.kv_len == len(seq.tokens) and seq.state == RESIDENT:
+                        steps.append(g)
+                    continue
+            left = len(seq.tokens) - seq.kv_len
+            if left > 0:
+                (decodes if left <= DECODE_TOKENS else prefills).append(w)
+        chunks: list[Chunk] = []
+        in_plan: set[int] = set()
+        dec_budget, dec_rows = budget, rows
+        if prefills:
+            dec_budget = budget - min(PREFILL_RESERVE, budget // 2)
+            dec_rows = max(1, rows - 1)
+        if len(steps) + len(decodes) > dec_rows:  # rows run out: least recently run first
+            steps.sort(key=lambda w: w.seq.last_step)
+            decodes.sort(key=lambda w: w.seq.last_step)
+        max_pos = self.max_position
+        for g in steps:
+            if len(chunks) >= dec_rows or dec_budget <= 0:
+                break
+            seq = g.seq
+            nt = len(seq.tokens)
+            pos = seq.positions[-1] + 1
+            if pos >= max_pos:
+                continue  # ends with "length" when its last step returns
+            if nt >= len(seq.pages) * ps and not self._reserve(seq, nt + 1, in_plan, True):
+                continue
+            seq.tokens.append(-1)  # filled on the device from the batch in flight, here when it returns
+            seq.positions.append(pos)
+            samp = g.samplers
+            if g.seed is not None:
+                samp = samp.copy()
+                samp["seed"] = step_seed(g.seed, g.steps)
+            g.steps += 1
+            if seq.causal_len >= nt:
+                seq.causal_len = nt + 1
+            seq.kv_len = nt + 1
+            in_plan.add(seq.id)
+            chunks.append(Chunk(g, nt, nt + 1, None, samp, g.last_row, True))
+            budget -= 1
+            dec_budget -= 1
+        for w in decodes:
+            if len(chunks) >= dec_rows or budget <= 0:
+                break
+            c = self._chunk(w, min(budget, dec_budget), in_plan, may_preempt=True)
+            if c is not None:
+                chunks.append(c)
+                budget -= c.hi - c.lo
+                dec_budget -= c.hi - c.lo
+        for w in prefills:
+            if len(chunks) >= rows or budget <= 0:
+                break
+            # a prefill under way may take pages from others; a new one, or one resuming from scratch
+            # after a preemption, waits for free memory (admission control, no thrashing)
+            c = self._chunk(w, budget, in_plan, may_preempt=w.started and w.seq.kv_len > 0)
+            if c is None:
+                if not w.started:
+                    break  # admission is FIFO: a later prompt does not overtake one waiting for memory
+                continue
+            chunks.append(c)
+            budget -= c.hi - c.lo
+        return chunks
+
+    def _chunk(self, w: Work, budget: int, in_plan: set[int], may_preempt: bool) -> Chunk | None:
+        """Schedule the next chunk of w within `budget` tokens, allocating its pages; None if it must wait."""
+        if budget <= 0:
             return None
-        tokens = sum(c.count for c in chunks)
-        full = tokens == self.caps.max_batch_tokens or len(chunks) == self.caps.max_batch_size
-        return _Plan(chunks, build_batch(chunks, self.caps.page_size), self._version, full)
+        seq = w.seq
+        g: Generation | None = w if w.is_generation else None  # type: ignore[assignment]
+        if seq.state == SWAPPED:
+            need = self.kv.resume_cost(seq)
+            if not self._make_room(need, seq, in_plan, may_preempt) or not self.kv.ensure_resident(seq):
+                return None
+        if seq.state == DROPPED:
+            seq.state = RESIDENT
+        if seq.kv_len % self.kv.ps == 0:
+            # prefix cache: never past the first output row or the pass's own masked rows, and
+            # at least one token is left to compute
+            limit = seq.num_tokens - 1 - seq.kv_len
+            if w.mask is not None:
+                limit = min(limit, w.base - seq.kv_len)
+            if g is None and w.out_slots is not None and w.out_slots.shape[0]:
+                limit = min(limit, int(w.out_slots[0]) - seq.kv_len)
+            if limit >= self.kv.ps:
+                self.kv.match_prefix(seq, limit)
+        lo = seq.kv_len
+        n = seq.num_tokens - lo
+        if n <= 0:
+            return None
+        if n > budget:
+            if not w.chunkable:
+                return None
+            n = budget
+        hi = lo + n
+        if not self._reserve(seq, hi, in_plan, may_preempt):
+            return None
+        # outputs in [lo, hi)
+        if g is not None:
+            if hi == seq.num_tokens:
+                out = None  # a step: its one output is slot hi - 1
+                samp = g.samplers
+                if g.seed is not None:
+                    samp = samp.copy()
+                    samp["seed"] = step_seed(g.seed, g.steps)
+                g.steps += 1
+            else:
+                out, samp = _EMPTY_OUT, _EMPTY_SAMP
+        else:
+            a, b = np.searchsorted(w.out_slots, [lo, hi]).tolist()
+            out, samp = w.out_slots[a:b], w.sorted_samplers[a:b]
+        if seq.causal_len >= lo and (w.mask is None or hi <= w.base):
+            seq.causal_len = max(seq.causal_len, hi)
+        seq.kv_len = hi
+        w.started = True
+        in_plan.add(seq.id)
+        return Chunk(w, lo, hi, out, samp, -1, out is None)
 
-    def _launch(self, plan: _Plan) -> asyncio.Task:
-        # commit: advance each pass; fully scheduled ones (a prefix of the queue) leave it
-        for c in plan.chunks:
-            c.p.scheduled = c.start + c.count
-        while self._queue and self._queue[0].scheduled == self._queue[0].num_tokens:
-            self._queue.popleft()
-        self._inflight = plan.chunks
-        self.num_steps += 1
-        batch = plan.batch
-        return asyncio.get_running_loop().create_task(self._forward(batch), name="pie-forward")
-
-    async def _forward(self, batch: ForwardBatch) -> tuple[ForwardBatch, ForwardResult]:
-        return batch, await self.driver.forward(batch)
-
-    def _finish(self, task: asyncio.Task) -> None:
-        chunks, self._inflight = self._inflight, []
+    def _reserve(self, seq: Sequence, kv_end: int, in_plan: set[int], may_preempt: bool) -> bool:
+        need = self.kv.pages_needed(seq, kv_end)
+        if need == 0:
+            return True
         try:
-            batch, result = task.result()
-            problem = check_result(result, batch)
+            self._check_fits(kv_end)
+        except OutOfPagesError as e:  # this context alone outgrew the whole cache: it fails, nothing else
+            if seq.work is not None:
+                self._fail(seq.work, e)
+            return False
+        if not self._make_room(need, seq, in_plan, may_preempt):
+            return False
+        return self.kv.grow(seq, kv_end)
+
+    def _make_room(self, need: int, seq: Sequence, in_plan: set[int], may_preempt: bool) -> bool:
+        while self.kv.alloc.num_free < need:
+            if self.kv.evict(need - self.kv.alloc.num_free):
+                continue
+            victim = self._victim(seq, in_plan, only_idle=not may_preempt)
+            if victim is None:
+                return False
+            self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
+        return True
+
+    def _victim(self, seq: Sequence, in_plan: set[int], only_idle: bool) -> Sequence | None:
+        """Victim policy: among resident sequences with no batch in flight, not in this step and not the
+        one asking, that preempting would free pages (and that can be restored exactly: swapped, or
+        recomputed when their whole history was causal): idle contexts (no pass waiting, e.g. an agent
+        waiting on a tool) first, then the lowest priority (scheduling hints), then the most recently
+        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages."""
+        best, best_key = None, None
+        swap_ok = self.kv.num_swap_slots > 0
+        for s in self.seqs.values():
+            if s is seq or s.id in in_plan or s.inflight or s.state != RESIDENT or s.closed:
+                continue
+            if only_idle and s.work is not None:
+                continue
+            free = self.kv.freeable(s)
+            if not free:
+                continue
+            if s.causal_len < s.kv_len and not (swap_ok and free <= len(self.kv._free_slots)):
+                continue  # history computed under a custom mask cannot be recomputed exactly
+            arrival = s.work.arrival if s.work is not None else -1
+            key = (s.work is None, -s.priority, arrival)
+            if best_key is None or key > best_key:
+                best, best_key = s, key
+        return best
+
+    # ---- launching and finishing -------------------------------------------------------------
+    def _launch(self, chunks: list[Chunk]) -> None:
+        number = self.num_steps
+        self.num_steps += 1
+        row = 0
+        decoded = 0
+        for c in chunks:
+            w = c.work
+            seq = w.seq
+            seq.inflight += 1
+            seq.last_step = number
+            w.inflight += 1
+            if c.is_step:
+                w.last_batch, w.last_row = number, row  # type: ignore[attr-defined]
+                row += 1
+                decoded += c.hi - c.lo == 1
+            else:
+                row += c.out_slots.shape[0]
+        batch = build_batch(chunks, self.kv.ps)
+        # every page a chunk reads or writes stays pinned until the batch ends
+        pinned = batch.kv_page_indices
+        self.kv.alloc.pin(pinned)
+        self.kv.stats.tokens_decoded += decoded
+        self.kv.stats.tokens_prefilled += batch.num_tokens - decoded
+        loop = asyncio.get_running_loop()
+        for ops in self.kv.take_ops():
+            loop.create_task(self._page_ops(ops), name="pie-page-ops")
+        task = loop.create_task(self._forward(batch), name="pie-forward")
+        only_steps = all(c.is_step for c in chunks)
+        self._inflight.append(_Batch(number, chunks, batch, task, only_steps, pinned))
+
+    async def page_io(self, ops: PageOps) -> PageOpsResult:
+        """Run page operations (e.g. reads for a snapshot file) in order with the batches."""
+        self.check_alive()
+        loop = asyncio.get_running_loop()
+        for pre in self.kv.take_ops():  # copies queued before (a snapshot's partial page) go first
+            loop.create_task(self._page_ops(pre), name="pie-page-ops")
+        return await loop.create_task(self.driver.page_ops(ops), name="pie-page-io")
+
+    async def _page_ops(self, ops) -> None:
+        try:
+            await self.driver.page_ops(ops)
+        except Exception as e:  # the next batch fails too (its pages are wrong): stop cleanly
+            log.error("page operations failed: %s", e)
+            self._dead = DriverError(f"KV page operations failed: {e}")
+
+    async def _forward(self, batch: ForwardBatch) -> ForwardResult:
+        return await self.driver.forward(batch)
+
+    def _finish(self, b: _Batch) -> None:
+        try:
+            result = b.task.result()
+            problem = check_result(result, b.batch)
             if problem:
                 raise DriverError(problem)
+            if self._dead is not None:
+                raise DriverError(str(self._dead))
         except (DriverError, BatchError) as e:
-            err: Exception = _same_error(e)
+            err: Exception | None = _same_error(e)
         except Exception as e:
             err = DriverError(f"driver failed: {type(e).__name__}: {e}")
         else:
             err = None
+        self.kv.alloc.unpin(b.pinned)
+        for c in b.chunks:
+            c.work.seq.inflight -= 1
+            c.work.inflight -= 1
         if err is not None:
-            for c in chunks:
-                self._fail(c.p, err)
-            return
-        for c, part in zip(chunks, split_result(result, batch, chunks), strict=True):
-            p = c.p
-            p.parts.append(part)
-            p.completed = c.start + c.count
-            if p.completed == p.num_tokens and not p.future.done():
-                p.future.set_result(merge_parts(p))
+            for c in b.chunks:
+                self._fail(c.work, err, rollback_to=c.lo)
+        else:
+            tokens = result.tokens.tolist()
+            logprobs = result.logprobs
+            row = 0
+            parts = None
+            for i, c in enumerate(b.chunks):
+                w = c.work
+                if c.is_step:
+                    if not (w.failed or w.seq.closed):
+                        lp = None if logprobs is None else float(logprobs[row])
+                        self._step_done(w, c, tokens[row], lp)  # type: ignore[arg-type]
+                    row += 1
+                    continue
+                row += c.out_slots.shape[0]
+                if w.failed or w.seq.closed or w.is_generation:  # an early chunk of a first step
+                    continue
+                if parts is None:
+                    parts = split_result(result, b.batch, b.chunks)
+                w.parts.append(parts[i])
+                self.kv.register(w.seq, c.hi)
+                if c.hi == w.end and w.inflight == 0:
+                    self._complete(w)
+                    if not w.future.done():
+                        w.future.set_result(merge_parts(w))
+        for c in b.chunks:  # works whose last batch just ended
+            w = c.work
+            if w.inflight == 0 and not w.retired and (w.failed or (w.is_generation and w.finished)):
+                self._retire(w)
+
+    def _retire(self, w: Work) -> None:
+        """A work that failed or finished and has no batch in flight any more leaves the scheduler."""
+        w.retired = True
+        if w.seq.work is w:
+            w.seq.work = None
+        if w in self.works:
+            self.works.remove(w)
+        if w.is_generation:
+            w.event.set()  # type: ignore[attr-defined]
+
+    def cancel(self, g: Generation) -> None:
+        """Stop a generation (its consumer went away); a step in flight finishes first."""
+        self._fail(g, DriverError("the generation was cancelled"))
+
+    async def wait_idle(self, g: Generation) -> None:
+        """Until no batch holding a step of g is in flight (then its context may run passes again)."""
+        while g.inflight and self._task is not None:
+            g.event.clear()
+            await g.event.wait()
+
+    def _step_done(self, g: Generation, c: Chunk, t: int, logprob: float | None) -> None:
+        seq = g.seq
+        g.done_steps += 1
+        nxt = c.hi  # slot the sampled token goes to
+        has_slot = nxt < len(seq.tokens)  # the next step was queued with a placeholder there
+        if has_slot:
+            seq.tokens[nxt] = t
+        if g.finish_reason is None and g.error is None:
+            if t in g.stop_ids:
+                g.finish_reason = "stop"
+                g.stop_token = t
+            else:
+                g.tokens.append(t)
+                if logprob is not None and g.want_logprobs:
+                    g.logprobs.append(logprob)
+                if g.detok is not None:
+                    self._check_stop_strings(g, t)
+                if g.finish_reason is None and (
+                    len(g.tokens) >= g.max_tokens or seq.positions[nxt - 1] + 1 >= self.max_position
+                ):
+                    g.finish_reason = "length"
+            if g.finish_reason is not None:
+                if not has_slot:
+                    g.final_token = t
+            elif not has_slot:
+                seq.tokens.append(t)
+                seq.positions.append(seq.positions[-1] + 1)
+        if nxt >= (len(seq.hashes) + 1) * self.kv.ps:  # a page filled up: into the prefix cache
+            self.kv.register(seq, nxt)
+        if g.finish_reason is not None:
+            if g.inflight == 0:
+                self._complete(g)
+                self._retire(g)
+            g.event.set()
+        elif len(g.tokens) >= g.wake_at:
+            g.event.set()
+
+    def _check_stop_strings(self, g: Generation, t: int) -> None:
+        start = max(0, len(g.text) - max(len(s) for s in g.stop_strings) + 1)
+        g.text += g.detok.push([t])  # type: ignore[attr-defined]
+        hits = [i for i in (g.text.find(s, start) for s in g.stop_strings) if i >= 0]
+        if hits:
+            g.text_cut = min(hits)
+            g.finish_reason = "stop"
+
+    def _complete(self, w: Work) -> None:
+        seq = w.seq
+        if seq.work is w:
+            seq.work = None
+        if w in self.works:
+            self.works.remove(w)
+        self.kv.register(seq, seq.kv_len)
 
     # ---- failure and cleanup ---------------------------------------------------------------
-    # A dropped pass leaves the queue at once; a chunk of it already in flight runs to its end.
-    def _on_done(self, p: PassRequest, fut: asyncio.Future) -> None:
+    def _on_done(self, w: Work, fut: asyncio.Future) -> None:
         if fut.cancelled():
-            self._drop(p)
+            self._drop(w, None)
 
-    def _drop(self, p: PassRequest) -> None:
-        if p.dropped:
+    def _drop(self, w: Work, err: Exception | None) -> None:
+        if w.failed:
             return
-        p.dropped = True
-        self._version += 1
-        if p.scheduled < p.num_tokens:
-            self._queue.remove(p)
+        w.failed = True
+        if w in self.works:
+            self.works.remove(w)
+        if w.seq.work is w and w.inflight == 0:
+            w.seq.work = None
+        if w.is_generation:
+            g: Generation = w  # type: ignore[assignment]
+            g.error = err or DriverError("the generation was cancelled")
+            g.event.set()
 
-    def _fail(self, p: PassRequest, err: Exception) -> None:
-        self._drop(p)
-        if not p.future.done():
-            p.future.set_exception(err)
+    def _fail(self, w: Work, err: Exception, rollback_to: int | None = None) -> None:
+        seq = w.seq
+        if not w.failed:
+            self._drop(w, err)
+            if not seq.closed:
+                # a pass (or a generation that sampled nothing yet) is undone; its tokens go back to the
+                # context's buffer. A generation keeps the tokens it produced: they are still to compute.
+                keep = w.base if not w.is_generation or w.done_steps == 0 else None  # type: ignore[attr-defined]
+                if rollback_to is not None:
+                    seq.kv_len = min(seq.kv_len, rollback_to)
+                if keep is not None:
+                    seq.kv_len = min(seq.kv_len, keep)
+                    del seq.tokens[keep:], seq.positions[keep:]
+                while seq.tokens and seq.tokens[-1] < 0:
+                    seq.tokens.pop()
+                    seq.positions.pop()
+                seq.kv_len = min(seq.kv_len, seq.num_tokens)
+                seq.causal_len = min(seq.causal_len, seq.kv_len)
+                del seq.hashes[seq.kv_len // self.kv.ps :]
+            if w.future is not None and not w.future.done():
+                w.future.set_exception(err)
+        if w.inflight == 0 and seq.work is w:
+            seq.work = None
 
     def _fail_all(self, err: Exception) -> None:
-        passes = [c.p for c in self._inflight] + list(self._queue)
-        self._inflight = []
-        for p in passes:
-            self._fail(p, err)
+        for w in list(self.works) + [c.work for b in self._inflight for c in b.chunks]:
+            self._fail(w, err)
+            w.inflight = 0
+            if w.seq.work is w:
+                w.seq.work = None
+        self._inflight.clear()
+
+    # ---- stats ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.kv.stats
+        a = self.kv.alloc
+        return {
+            "steps": self.num_steps,
+            "tokens_prefilled": s.tokens_prefilled,
+            "tokens_decoded": s.tokens_decoded,
+            "prefix_tokens_reused": s.prefix_tokens_reused,
+            "preemptions": s.preemptions,
+            "preempted_recompute": s.preempted_recompute,
+            "pages_swapped_out": s.pages_swapped_out,
+            "pages_swapped_in": s.pages_swapped_in,
+            "pages_copied": s.pages_copied,
+            "pages_evicted": s.pages_evicted,
+            "pages_total": a.num_pages,
+            "pages_used": a.num_used,
+            "pages_free": a.num_free,
+            "pages_cached": self.kv.num_cached,
+            "snapshots": len(self.kv.snapshots),
+            "queued": len(self.works),
+        }
+
+
+_EMPTY_OUT = np.zeros(0, np.int64)
+_EMPTY_SAMP = sampler_rows(0)
 
 
 def _same_error(e: Exception) -> Exception:
-    """A fresh exception of e's type and message for each failed pass (one shared instance would
-    collect every awaiting task's traceback)."""
+    """A fresh exception of e's type and message for each failed pass."""
     try:
         return type(e)(str(e))
     except Exception:

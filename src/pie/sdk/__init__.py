@@ -11,10 +11,11 @@ which is how Model.load finds the running engine. Contexts of one or many inferl
 concurrently (asyncio.gather) and their forward passes share batches.
 """
 
+from pie.sdk import runtime
 from pie.sdk.context import Context
 from pie.sdk.forward import ForwardPass, SampleResult
 from pie.sdk.generation import Generation
 from pie.sdk.model import Model
 from pie.sdk.sampler import Sampler
 
-__all__ = ["Context", "ForwardPass", "Generation", "Model", "SampleResult", "Sampler"]
+__all__ = ["Context", "ForwardPass", "Generation", "Model", "SampleResult", "Sampler", "runtime"]

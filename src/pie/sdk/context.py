@@ -1,19 +1,18 @@
-"""A context: one sequence's KV cache (a list of pages) plus tokens waiting to be run.
+"""A context: a handle to one runtime sequence (its KV pages, tokens, positions) plus a buffer of
+tokens appended but not yet run, and the chat state of the conversation.
 
-State, with invariants:
-    pages       int32 ids; ceil(kv_len / page_size) <= len(pages) (extra pages are kept after a
-                failed pass and reused by the next one)
-    kv_len      slots filled, or being filled by the pass in flight
-    pending     tokens (and their positions) appended but not yet run; they go first in the next pass
+    seq_len     tokens in the KV (run, or being run); the buffer is not counted (as in Pie's SDK)
+    buffer()    tokens appended but not yet run; they go first in the next pass
     positions   chosen per token (RoPE); by default each token takes next_position, which then grows
 
-Passes of one context run one at a time (a lock), so a failed or cancelled pass can be rolled
-back: kv_len, pending and next_position return to what they were. Different contexts, of one
-inferlet or many, run concurrently and share batches.
-
-Pages: each context holds one reference on each of its pages; a fork shares the parent's full
-pages (never written again: a context only writes slots >= kv_len) and recomputes the partial
-last page; close() drops the references, safely even mid-pass (see pie.runtime.scheduler).
+Passes of one context run one at a time (a lock); different contexts, of one inferlet or many, run
+concurrently and share batches. A failed or cancelled pass is rolled back: its tokens return to the
+buffer. Lifecycle (names of Pie's `inferlet` SDK): fork() shares full pages copy-on-write and copies the
+partial last page on the device; save(name) / snapshot() keep the KV under a name; Context.open(model,
+name) forks a snapshot, Context.take(model, name) takes it over, Context.delete(model, name) drops it;
+truncate(n) drops the last n tokens; release() (or close()) frees the pages. All of it lives in the
+runtime (pie.runtime.kvcache), which may also preempt an idle context's pages under memory pressure and
+restore them (swap or recompute) before its next pass.
 
 Chat calls (system/user/assistant/cue) render the conversation with the model's chat template and
 append only the new text; see pie.sdk.chat for templates that rewrite earlier turns.
@@ -27,8 +26,10 @@ import numpy as np
 
 from pie.drivers.protocol import ForwardResult
 from pie.errors import PieError
-from pie.runtime.passes import PassRequest, sampler_rows
+from pie.runtime.kvcache import SnapshotError
 from pie.runtime.scope import current_scope
+from pie.runtime.sequence import Sequence
+from pie.runtime.work import Work, sampler_rows
 from pie.sdk.chat import ChatState
 from pie.sdk.forward import ForwardPass
 from pie.sdk.generation import Generation
@@ -37,18 +38,18 @@ from pie.sdk.sampler import Sampler
 
 
 class Context:
-    def __init__(self, model: Model, template_kwargs: dict | None = None) -> None:
+    def __init__(
+        self, model: Model, template_kwargs: dict | None = None, *, _seq: Sequence | None = None
+    ) -> None:
         """template_kwargs go to the chat template (e.g. {"enable_thinking": False} for Qwen3)."""
         self.model = model
         self._rt = model._rt
         self._scope = current_scope()
-        self._pages = np.zeros(0, dtype=np.int32)
-        self.kv_len = 0
-        self.next_position = 0
+        rt = self._rt
+        self._seq = rt.scheduler.add_sequence(_seq if _seq is not None else rt.kv.new_sequence())
+        self.next_position = self._seq.positions[-1] + 1 if self._seq.positions else 0
         self._pending: list[int] = []
         self._pending_pos: list[int] = []
-        self._hist_tok: list[int] = []  # tokens in the KV (for fork and rewinds)
-        self._hist_pos: list[int] = []
         self._chat = ChatState(template_kwargs)
         self._lock = asyncio.Lock()
         self.closed = False
@@ -56,17 +57,32 @@ class Context:
 
     # ---- inspection --------------------------------------------------------------------------
     @property
+    def seq_len(self) -> int:
+        """Tokens in the KV cache (run or being run); buffered tokens are not counted."""
+        return self._seq.num_tokens
+
+    kv_len = seq_len
+
+    @property
+    def page_size(self) -> int:
+        return self._rt.capabilities.page_size
+
+    def buffer(self) -> list[int]:
+        """Tokens appended but not yet run."""
+        return list(self._pending)
+
+    @property
     def pending(self) -> tuple[int, ...]:
         return tuple(self._pending)
 
     @property
     def page_ids(self) -> list[int]:
-        return self._pages.tolist()
+        return list(self._seq.pages)
 
     @property
     def tokens(self) -> list[int]:
-        """Every token of the context: in the KV, then pending."""
-        return self._hist_tok + self._pending
+        """Every token of the context: in the KV, then buffered."""
+        return self._seq.tokens + self._pending
 
     # ---- adding tokens -----------------------------------------------------------------------
     def append(self, ids, positions=None) -> Context:
@@ -138,7 +154,7 @@ class Context:
     async def _run(
         self, ids, positions, outputs, samplers, mask, return_logprobs: bool, rewind: bool = False
     ) -> ForwardResult:
-        """One pass: pending tokens, then `ids`. outputs index `ids` (negative: from the end).
+        """One pass: buffered tokens, then `ids`. outputs index `ids` (negative: from the end).
 
         rewind: with nothing to run, re-run the last KV token to get its output row (generate()
         after flush()).
@@ -146,7 +162,7 @@ class Context:
         self._check_open()
         async with self._lock:
             self._sync_chat()
-            if rewind and not self._pending and not ids and self.kv_len:
+            if rewind and not self._pending and not ids:
                 self._rewind_last()
             n_pend = len(self._pending)
             saved = (self._pending, self._pending_pos, self.next_position)
@@ -155,87 +171,95 @@ class Context:
             n = len(self._pending)
             if n == 0:
                 self._pending, self._pending_pos, self.next_position = saved
-                raise PieError("nothing to run: the context has no pending tokens and the pass no input")
-            run_tok, run_pos = self._pending, self._pending_pos
-            tokens, pos = np.array(run_tok, dtype=np.int64), np.array(run_pos, dtype=np.int64)
+                raise PieError("nothing to run: the context has no buffered tokens and the pass no input")
+            tokens = np.array(self._pending, dtype=np.int64)
+            pos = np.array(self._pending_pos, dtype=np.int64)
             rows = np.array([i + n if i < 0 else i + n_pend for i in outputs], dtype=np.int32)
-            kv0, kv_end = self.kv_len, self.kv_len + n
+            kv0 = self._seq.num_tokens
             full_mask = None
-            if mask is not None:  # pending rows stay causal
-                full_mask = np.concatenate([np.tri(n_pend, kv_end, k=kv0, dtype=bool), mask])
+            if mask is not None:  # buffered rows stay causal
+                full_mask = np.concatenate([np.tri(n_pend, kv0 + n, k=kv0, dtype=bool), mask])
             try:
                 fut = self._rt.scheduler.submit(
-                    PassRequest(
-                        tokens, pos, self._reserve(kv_end), kv_end, rows, samplers, full_mask, return_logprobs
-                    )
+                    Work(self._seq, tokens, pos, rows, samplers, full_mask, return_logprobs)
                 )
-                self.kv_len = kv_end
                 self._pending, self._pending_pos = [], []
-                result = await fut
+                return await fut
             except BaseException:
-                self.kv_len = kv0
                 self._pending, self._pending_pos, self.next_position = saved
                 raise
-            self._hist_tok += run_tok
-            self._hist_pos += run_pos
-            return result
-
-    def _reserve(self, kv_end: int) -> np.ndarray:
-        """Pages covering kv_end slots, allocating only the missing ones."""
-        ps = self._rt.capabilities.page_size
-        need = -(-kv_end // ps)
-        if need > len(self._pages):
-            self._pages = np.concatenate([self._pages, self._rt.allocator.alloc(need - len(self._pages))])
-        return self._pages[:need].copy()
 
     def _rewind_last(self) -> None:
-        """Make the last KV token pending again; its slot is rewritten with the same values.
+        """Make the last KV token buffered again, to get its output row; the runtime copies its page
+        first if it is shared (a fork's or a snapshot's), so nothing shared is written."""
+        seq = self._seq
+        if not seq.num_tokens:
+            return
+        t, p = seq.tokens[-1], seq.positions[-1]
+        self._rt.kv.truncate(seq, 1)
+        self._pending.insert(0, t)
+        self._pending_pos.insert(0, p)
 
-        If that slot's page is shared with a fork, the page is not written: we drop our reference
-        and recompute the page's tokens into a fresh one (copy-on-write by recomputation).
-        """
-        ps, alloc = self._rt.capabilities.page_size, self._rt.allocator
-        start = self.kv_len - 1
-        page = start // ps
-        if alloc.refcount(int(self._pages[page])) > 1:
-            start = page * ps
-            alloc.decref(self._pages[page:])
-            self._pages = self._pages[:page]
-        self._pending = self._hist_tok[start:] + self._pending
-        self._pending_pos = self._hist_pos[start:] + self._pending_pos
-        self._hist_tok, self._hist_pos = self._hist_tok[:start], self._hist_pos[:start]
-        self.kv_len = start
-
-    # ---- lifetime ----------------------------------------------------------------------------
+    # ---- lifecycle (Pie's names) ---------------------------------------------------------------
     def fork(self) -> Context:
-        """A new context with the same tokens; full pages are shared, the partial one recomputed.
-
-        The recomputed tail (and any pending tokens) runs causally with the next pass, so a tail
-        first run under a custom mask is recomputed without it.
-        """
-        self._check_open()
-        if self._lock.locked():
-            raise PieError("cannot fork a context while a pass runs on it; await the pass first")
-        child = Context(self.model, self._chat.template_kwargs)
-        ps = self._rt.capabilities.page_size
-        full = self.kv_len // ps
-        child._pages = self._pages[:full].copy()
-        self._rt.allocator.incref(child._pages)
-        child.kv_len = full * ps
-        child._hist_tok, child._hist_pos = self._hist_tok[: full * ps], self._hist_pos[: full * ps]
-        child._pending = self._hist_tok[full * ps :] + self._pending
-        child._pending_pos = self._hist_pos[full * ps :] + self._pending_pos
+        """A new context with the same tokens and buffer; full pages shared, the partial one copied."""
+        self._check_idle("fork")
+        child = Context(self.model, self._chat.template_kwargs, _seq=self._rt.kv.fork(self._seq))
+        child._pending, child._pending_pos = list(self._pending), list(self._pending_pos)
         child.next_position = self.next_position
         child._chat = self._chat.copy()
         return child
 
+    def save(self, name: str) -> None:
+        """Keep this context's KV under `name` (buffered tokens are not saved: flush() first)."""
+        self._check_idle("save")
+        if not isinstance(name, str) or not name:
+            raise ValueError("a snapshot name must be a non-empty string")
+        self._rt.snapshots.save(self._seq, name)
+
+    def snapshot(self) -> str:
+        """An anonymous save; returns the runtime-chosen name."""
+        self._check_idle("snapshot")
+        return self._rt.snapshots.save(self._seq, None)
+
+    @classmethod
+    def open(cls, model: Model, name: str) -> Context | None:
+        """A new context forked from the snapshot `name` (which stays); None if there is none."""
+        seq = model._rt.snapshots.open(name)
+        return None if seq is None else cls(model, _seq=seq)
+
+    @classmethod
+    def take(cls, model: Model, name: str) -> Context | None:
+        """A new context that takes the snapshot `name` over (the snapshot is gone); None if none."""
+        seq = model._rt.snapshots.take(name)
+        return None if seq is None else cls(model, _seq=seq)
+
+    @staticmethod
+    def delete(model: Model, name: str) -> None:
+        """Delete the snapshot `name` (SnapshotError if there is none)."""
+        if not model._rt.snapshots.delete(name):
+            raise SnapshotError(f"no snapshot named {name!r}")
+
+    def truncate(self, n: int) -> None:
+        """Drop the last n tokens of the KV (e.g. rejected speculative drafts); flush() the buffer first."""
+        self._check_idle("truncate")
+        if self._pending:
+            raise PieError("truncate() works on the KV; the context has buffered tokens: flush() them first")
+        self._rt.kv.truncate(self._seq, int(n))
+        self.next_position = self._seq.positions[-1] + 1 if self._seq.positions else 0
+
+    def release(self) -> None:
+        """Free the context's pages now (idempotent; also done when the inferlet ends)."""
+        self.close()
+
+    # ---- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the context's pages (idempotent). Also done when the inferlet ends."""
+        """Free the context's pages (idempotent). Safe while a pass is queued or running: the pass is
+        dropped, and pages it uses stay pinned until its batch ends."""
         if self.closed:
             return
         self.closed = True
-        self._rt.allocator.decref(self._pages)
-        self._pages = np.zeros(0, dtype=np.int32)
+        self._rt.scheduler.release(self._seq)
         self._scope.untrack(self)
 
     async def __aenter__(self) -> Context:
@@ -244,9 +268,14 @@ class Context:
     async def __aexit__(self, *exc) -> None:
         self.close()
 
+    def _check_idle(self, what: str) -> None:
+        self._check_open()
+        if self._lock.locked():
+            raise PieError(f"cannot {what} a context while a pass runs on it; await the pass first")
+
     def _check_open(self) -> None:
         if self.closed:
             raise PieError("this context is closed; create a new Context(model) (or fork before closing)")
 
     def __repr__(self) -> str:
-        return f"Context(kv_len={self.kv_len}, pending={len(self._pending)}, pages={len(self._pages)})"
+        return f"Context(seq_len={self.seq_len}, buffer={len(self._pending)}, pages={len(self._seq.pages)})"

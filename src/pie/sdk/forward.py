@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pie.drivers.protocol import ForwardResult
-from pie.runtime.passes import SAMPLER_DTYPE
+from pie.runtime.work import SAMPLER_DTYPE
 from pie.sdk.sampler import Sampler
 
 if TYPE_CHECKING:

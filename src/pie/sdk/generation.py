@@ -1,15 +1,15 @@
-"""Token-by-token generation on a context.
+"""Generation on a context, run by the engine: the inferlet wakes only when it wants tokens.
 
     gen = ctx.generate(Sampler.top_p(0.95, t=0.6), max_tokens=128, stop=["\\n\\n"])
     async for chunk in gen: print(chunk, end="")     # or: text = await gen.collect_text()
 
-Each step runs the context's pending tokens and samples the last row; the sampled token becomes
-pending, so it enters the KV with the next pass (and a generation's last token stays pending).
-Stops, checked in this order after each token:
+The runtime (pie.runtime.work.Generation) keeps the generation in its running set: it samples on the
+device, feeds each token back, checks the stop conditions and streams tokens here; collect_text() and
+collect_tokens() wake this task once, at the end. Stops, checked in this order after each token:
   * an eos token of the model (unless ignore_eos) or a token id given in `stop`: that token is
     not part of .tokens / .text (it is still in the context);
   * a stop string: .text is cut before it (.tokens keeps every token sampled);
-  * max_tokens tokens.
+  * max_tokens tokens, or the model's window (max_position_embeddings): finish_reason "length".
 Streaming holds back the last len(longest stop string) - 1 characters until they cannot start
 a stop string, so a stop string is never streamed.
 """
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pie.errors import PieError
-from pie.runtime.passes import sampler_rows
-from pie.sdk.sampler import Sampler, step_seed
+from pie.runtime.work import Generation as EngineGeneration
+from pie.runtime.work import sampler_rows
+from pie.sdk.sampler import Sampler
 
 if TYPE_CHECKING:
     from pie.sdk.context import Context
@@ -46,67 +49,96 @@ class Generation:
         if self._started:
             raise PieError("a generation can be consumed once; call ctx.generate(...) again for more")
         self._started = True
-        return self._stream()
+        return self._stream(each_token=True)
 
     async def collect_text(self) -> str:
         if not self._started:
-            async for _ in self:
+            self._started = True
+            async for _ in self._stream(each_token=False):
                 pass
         return self.text
 
     async def collect_tokens(self) -> list[int]:
-        if not self._started:
-            async for _ in self:
-                pass
+        await self.collect_text()
         return self.tokens
 
-    async def _stream(self):
+    async def _stream(self, each_token: bool):
         ctx, s = self.ctx, self.sampler
         tok = ctx.model.tokenizer if ctx.model.has_tokenizer else None
         if self.stop_strings and tok is None:
             raise PieError("stop strings need the model's tokenizer; pass stop token ids instead")
-        ctx._sync_chat()
-        if not ctx.pending and not ctx.kv_len:
-            raise PieError("nothing to generate from: append tokens (or call user(...) and cue()) first")
-        detok = tok.detokenizer(prefix_ids=ctx.tokens[-4:]) if tok is not None else None
-        hold = max((len(x) for x in self.stop_strings), default=1) - 1
-        sampled: list[int] = []  # every token sampled, stop token included
-        emitted, cut, rows = 0, None, None
-        while len(self.tokens) < self.max_tokens:
-            if rows is None or s.seed is not None:  # a seeded sampler needs a new seed each step
-                rows = sampler_rows(1, **s.row(None if s.seed is None else step_seed(s.seed, len(sampled))))
-            res = await ctx._run([], None, [-1], rows, None, s.want_logprobs, rewind=True)
-            t = int(res.tokens[0])
-            sampled.append(t)
-            ctx.append([t])
-            if t in self.stop_ids:
-                self.finish_reason = "stop"
-                break
-            self.tokens.append(t)
-            if s.want_logprobs and res.logprobs is not None:
-                self.logprobs.append(float(res.logprobs[0]))
-            if detok is None:
-                continue
-            start = max(0, len(self.text) - hold)
-            self.text += detok.push([t])
-            cut = self._find_stop(start)
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                break
-            if len(self.text) - hold > emitted:
-                yield self.text[emitted : len(self.text) - hold]
-                emitted = len(self.text) - hold
-        else:
-            self.finish_reason = "length"
-        if detok is not None and cut is None:
+        ctx._check_open()
+        async with ctx._lock:
+            ctx._sync_chat()
+            if not ctx._pending:
+                if not ctx.seq_len:
+                    raise PieError(
+                        "nothing to generate from: append tokens (or call user(...) and cue()) first"
+                    )
+                ctx._rewind_last()
+            prefix = ctx.tokens[-4:]
+            hold = max((len(x) for x in self.stop_strings), default=1) - 1
+            g = EngineGeneration(
+                ctx._seq,
+                np.array(ctx._pending, np.int64),
+                np.array(ctx._pending_pos, np.int64),
+                np.array([len(ctx._pending) - 1], np.int32),
+                sampler_rows(1, **s.row(None)),
+                max_tokens=self.max_tokens,
+                stop_ids=frozenset(self.stop_ids),
+                stop_strings=tuple(self.stop_strings),
+                detok=tok.detokenizer(prefix_ids=prefix) if self.stop_strings else None,
+                seed=s.seed,
+                want_logprobs=s.want_logprobs,
+                return_logprobs=s.want_logprobs,
+            )
+            ctx._rt.scheduler.generate(g)
+            saved = (ctx._pending, ctx._pending_pos)
+            ctx._pending, ctx._pending_pos = [], []
+            detok = tok.detokenizer(prefix_ids=prefix) if tok is not None and not self.stop_strings else None
+            seen, emitted = 0, 0
+            try:
+                while True:
+                    g.wake_at = seen + 1 if each_token else 1 << 62
+                    if len(g.tokens) == seen and not g.finished:
+                        g.event.clear()
+                        await g.event.wait()
+                    if g.error is not None:
+                        raise g.error
+                    new = g.tokens[seen:]
+                    seen += len(new)
+                    if detok is not None and new:
+                        self.text += detok.push(new)
+                    elif self.stop_strings:
+                        self.text = g.text if g.text_cut is None else g.text[: g.text_cut]
+                    if g.finished:
+                        if self.stop_strings and g.text_cut is None:
+                            self.text = g.text + g.detok.flush()
+                        break
+                    if each_token and len(self.text) - hold > emitted:
+                        yield self.text[emitted : len(self.text) - hold]
+                        emitted = len(self.text) - hold
+            except BaseException:
+                if not g.finished:
+                    ctx._rt.scheduler.cancel(g)
+                if g.done_steps == 0:
+                    ctx._pending, ctx._pending_pos = saved
+                raise
+            finally:
+                self.tokens, self.logprobs, self.finish_reason = (
+                    list(g.tokens),
+                    list(g.logprobs),
+                    g.finish_reason,
+                )
+                await ctx._rt.scheduler.wait_idle(g)
+                if g.final_token is not None:  # the last sampled token is not in the KV: it is buffered
+                    ctx._pending.append(g.final_token)
+                    ctx._pending_pos.append(ctx._seq.positions[-1] + 1)
+                ctx.next_position = (ctx._pending_pos or ctx._seq.positions or [-1])[-1] + 1
+        if detok is not None:
             self.text += detok.flush()  # an incomplete character at the very end
-        if emitted < len(self.text):
+        if emitted < len(self.text) and each_token:
             yield self.text[emitted:]
         if tok is not None and ctx._chat.cued:
+            sampled = list(g.tokens) + ([g.stop_token] if g.stop_token is not None else [])
             ctx._chat.record_reply(self.text, tok.decode(sampled, skip_special_tokens=False))
-
-    def _find_stop(self, start: int) -> int | None:
-        """Index in .text of the earliest stop string that begins at or after `start`."""
-        hits = [i for i in (self.text.find(x, start) for x in self.stop_strings) if i >= 0]
-        return min(hits) if hits else None

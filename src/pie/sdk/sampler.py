@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pie.runtime.work import step_seed  # noqa: F401  (re-exported: seeds per generation step)
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -91,7 +93,7 @@ class Sampler:
         return self.temp == 0 or self.topk == 1
 
     def row(self, seed: int | None = None) -> dict:
-        """Fields of one SAMPLER_DTYPE row (pie.runtime.passes); `seed` overrides self.seed."""
+        """Fields of one SAMPLER_DTYPE row (pie.runtime.work); `seed` overrides self.seed."""
         s = self.seed if seed is None else seed
         return {
             "temperature": self.temp,
@@ -102,10 +104,3 @@ class Sampler:
             "dist_k": self.dist_k,
             "return_logits": self.want_logits,
         }
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A fresh 63-bit seed per generation step (the driver's noise is a pure function of the seed)."""
-    x = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF

@@ -1,7 +1,8 @@
 """DevDriver: runs the shared ModelExecutor in a child process and talks to it over a socketpair.
 
 Lifecycle: start() spawns `python -m pie.drivers.dev.server --fd N` under the resolved interpreter,
-sends hello and waits for ready; forward() pipelines requests (ids -> futures, one reader task);
+sends hello and waits for ready; forward() and page_ops() pipeline requests on one channel (ids -> futures,
+one reader task; the child answers them in order);
 shutdown() asks politely, then kills. The child's stdout+stderr go through one pipe into a ring
 buffer (for error messages) and on to our stderr, prefixed `[dev-driver] `.
 
@@ -27,13 +28,22 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 from pie.drivers.base import Driver
 from pie.drivers.dev import wire
 from pie.drivers.dev.heartbeat import HeartbeatMonitor, beat_interval
 from pie.drivers.dev.interpreter import child_env, choose_another_hint, missing_module, resolve_python
 from pie.drivers.dev.server import DEFAULT_EXECUTOR
-from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import (
+    PROTOCOL_VERSION,
+    BatchError,
+    Capabilities,
+    ForwardBatch,
+    ForwardResult,
+    PageOps,
+    PageOpsResult,
+)
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
 
@@ -276,9 +286,26 @@ class DevDriver(Driver):
         if self._writer is not None:
             self._writer.close()
 
-    # ---- forward -----------------------------------------------------------------------------
+    # ---- requests -----------------------------------------------------------------------------
 
     async def forward(self, batch: ForwardBatch) -> ForwardResult:
+        msg = await self._request(lambda rid: wire.forward(rid, batch))
+        if msg["type"] == "result":
+            return ForwardResult.from_wire(msg["result"])
+        if msg.get("kind") == "BatchError":
+            raise BatchError(msg["message"])
+        raise DriverError(f"dev driver: forward failed ({msg.get('kind') or 'error'}): {msg['message']}")
+
+    async def page_ops(self, ops: PageOps) -> PageOpsResult:
+        msg = await self._request(lambda rid: wire.page_ops(rid, ops))
+        if msg["type"] == "page_result":
+            return PageOpsResult.from_wire(msg["result"])
+        if msg.get("kind") == "BatchError":
+            raise BatchError(msg["message"])
+        raise DriverError(f"dev driver: page ops failed ({msg.get('kind') or 'error'}): {msg['message']}")
+
+    async def _request(self, make: Callable[[int], dict]) -> dict:
+        """Send make(id) and wait for the child's answer to it (in order with every other request)."""
         if self.capabilities is None or self._writer is None:
             raise DriverError("dev driver is not running: call `await driver.start()` first")
         if self._dead is not None:
@@ -289,19 +316,14 @@ class DevDriver(Driver):
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            wire.write_frame(self._writer, wire.forward(rid, batch))
+            wire.write_frame(self._writer, make(rid))
             await self._writer.drain()
-            msg = await fut
+            return await fut
         except ConnectionError:
             # The watcher is about to report the exit; its message says why.
-            msg = await fut
+            return await fut
         finally:
             self._pending.pop(rid, None)
-        if msg["type"] == "result":
-            return ForwardResult.from_wire(msg["result"])
-        if msg.get("kind") == "BatchError":
-            raise BatchError(msg["message"])
-        raise DriverError(f"dev driver: forward failed ({msg.get('kind') or 'error'}): {msg['message']}")
 
     # ---- background tasks --------------------------------------------------------------------
 

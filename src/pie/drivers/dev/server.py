@@ -1,11 +1,12 @@
-"""The dev driver's child process: builds a ModelExecutor and serves forward passes over a socket.
+"""The dev driver's child process: builds a ModelExecutor and serves forward passes and page ops over a socket.
 
     python -m pie.drivers.dev.server --fd N [--executor module:callable]
         [--heartbeat-fd M --heartbeat-s S] [--parent-pid P]
 
 fd N is this end of a connected socketpair (passed with pass_fds); stdout/stderr are plain
 logs that the parent captures. One thread, one request at a time, in arrival order: the
-parent may pipeline several forwards, the executor still sees them serially (the Driver contract).
+parent may pipeline several forwards and page ops, the executor still sees them serially and in order
+(the Driver contract).
 
 A forward that raises (a BatchError, a ValueError from the model code, ...) is answered with an
 error for that request only and the server keeps serving; only the channel closing, a shutdown
@@ -29,7 +30,7 @@ from collections.abc import Callable
 
 from pie.drivers.dev import wire
 from pie.drivers.dev.heartbeat import start_beating
-from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, ForwardBatch
+from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, ForwardBatch, PageOps
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import PieError
 
@@ -94,19 +95,22 @@ def serve(chan: wire.SyncChannel, executor) -> int:
         if kind == "shutdown":
             chan.send(wire.bye())
             return 0
-        if kind != "forward":
+        if kind not in ("forward", "page_ops"):
             chan.send(wire.error(f"unexpected message {kind!r} after the handshake", id=msg.get("id")))
             continue
         rid = msg["id"]
         try:
-            res = executor.execute(ForwardBatch.from_wire(msg["batch"]))
+            if kind == "forward":
+                reply = wire.result(rid, executor.execute(ForwardBatch.from_wire(msg["batch"])))
+            else:
+                reply = wire.page_result(rid, executor.page_ops(PageOps.from_wire(msg["ops"])))
         except Exception as e:
             # A bad batch is the caller's problem: one line. Anything else: the traceback, for debugging.
             tb = "" if isinstance(e, BatchError) else traceback.format_exc()
-            log(f"forward {rid} failed: {type(e).__name__}: {e}" + (f"\n{tb}" if tb else ""))
+            log(f"{kind} {rid} failed: {type(e).__name__}: {e}" + (f"\n{tb}" if tb else ""))
             chan.send(wire.error(str(e), id=rid, traceback=tb, kind=type(e).__name__))
             continue
-        chan.send(wire.result(rid, res))
+        chan.send(reply)
 
 
 def die_with_parent(parent_pid: int) -> None:

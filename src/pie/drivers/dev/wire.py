@@ -5,9 +5,11 @@ Frame = 8-byte little-endian body length + msgpack body. Every body is a map wit
 
     hello    {version, spec}        ->  ready {version, capabilities} | error {message, traceback}
     forward  {id, batch}            ->  result {id, result}           | error {id, message, kind}
+    page_ops {id, ops}              ->  page_result {id, result}      | error {id, message, kind}
     shutdown {}                     ->  bye {}
 
-Arrays travel as ForwardBatch/ForwardResult.to_wire() dicts (dtype, shape, raw bytes), so a
+forward and page_ops share one id sequence and are answered in arrival order. Arrays travel as
+ForwardBatch/ForwardResult/PageOps/PageOpsResult.to_wire() dicts (dtype, shape, raw bytes), so a
 frame is one copy of the array data plus a few hundred bytes. msgpack (not pickle) keeps the
 channel language-neutral and safe to decode; the 8-byte length allows frames over 4 GiB
 (e.g. full logits of a large batch).
@@ -25,14 +27,14 @@ from typing import Any
 
 import msgpack
 
-from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult
+from pie.drivers.protocol import Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.drivers.spec import ExecutorSpec
 
 HEADER = struct.Struct("<Q")
 # A sanity bound, not a real limit: a corrupted or foreign stream shows up as an absurd length.
 MAX_FRAME_BYTES = 1 << 40
 
-MESSAGE_TYPES = ("hello", "ready", "error", "forward", "result", "shutdown", "bye")
+MESSAGE_TYPES = ("hello", "ready", "error", "forward", "result", "page_ops", "page_result", "shutdown", "bye")
 
 
 class ProtocolError(Exception):
@@ -60,6 +62,14 @@ def forward(id: int, batch: ForwardBatch) -> dict:
 
 def result(id: int, res: ForwardResult) -> dict:
     return {"type": "result", "id": id, "result": res.to_wire()}
+
+
+def page_ops(id: int, ops: PageOps) -> dict:
+    return {"type": "page_ops", "id": id, "ops": ops.to_wire()}
+
+
+def page_result(id: int, res: PageOpsResult) -> dict:
+    return {"type": "page_result", "id": id, "result": res.to_wire()}
 
 
 def shutdown() -> dict:
