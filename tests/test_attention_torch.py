@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pie.attention import create_backend
-from pie.attention.base import AttentionMetadata, append_kv
+from pie.attention.base import AttentionMetadata, AttentionParams, append_kv
 from pie.attention.torch_backend import TorchBackend
 from pie.drivers.protocol import make_batch
 from pie.errors import DriverError
@@ -138,3 +138,84 @@ def test_create_backend_by_name():
     else:
         with pytest.raises(DriverError, match="CUDA only"):
             create_backend("flashinfer", **kw)
+
+
+# ---- per-layer params: window, soft-cap, scale, sinks ------------------------------------------------
+
+
+def _reference_params(q, kv_cache, batch, page_size, p, sinks=None) -> torch.Tensor:
+    """Per token: slots the causal / custom mask allows AND within the window; float64 softmax of
+    cap * tanh(scale * q.k / cap), with the sink logit in the denominator."""
+    out = torch.zeros_like(q, dtype=torch.float64)
+    Hq = q.shape[1]
+    kv_lens, qo = batch.kv_lens(page_size), batch.qo_indptr
+    for r in range(batch.num_requests):
+        pages = batch.kv_page_indices[batch.kv_page_indptr[r] : batch.kv_page_indptr[r + 1]]
+        kv, n = int(kv_lens[r]), int(qo[r + 1] - qo[r])
+        slots = [(int(pages[s // page_size]), s % page_size) for s in range(kv)]
+        k = torch.stack([kv_cache[pg, 0, o] for pg, o in slots]).double()
+        v = torch.stack([kv_cache[pg, 1, o] for pg, o in slots]).double()
+        if batch.mask is not None:
+            m = torch.from_numpy(batch.mask[batch.mask_indptr[r] : batch.mask_indptr[r + 1]].reshape(n, kv))
+        else:
+            m = torch.from_numpy(np.tril(np.ones((n, kv), dtype=bool), k=kv - n))
+        if p.window_left >= 0:
+            q_slot = np.arange(kv - n, kv)[:, None]
+            m = m & torch.from_numpy(np.arange(kv)[None, :] >= q_slot - p.window_left)
+        for h in range(Hq):
+            kh = h // (Hq // p.num_kv_heads)
+            s = q[qo[r] : qo[r + 1], h].double() @ k[:, kh].T * p.sm_scale
+            if p.logits_soft_cap:
+                s = torch.tanh(s / p.logits_soft_cap) * p.logits_soft_cap
+            s = s.masked_fill(~m, float("-inf"))
+            if sinks is not None:
+                s = torch.cat([s, torch.full((n, 1), float(sinks[h]), dtype=torch.float64)], dim=-1)
+                out[qo[r] : qo[r + 1], h] = torch.softmax(s, dim=-1)[:, :-1] @ v[:, kh]
+            else:
+                out[qo[r] : qo[r + 1], h] = torch.softmax(s, dim=-1) @ v[:, kh]
+    return out
+
+
+PARAMS = {
+    "window": AttentionParams(4, 2, D, 0.3, window_left=3),
+    "window1": AttentionParams(4, 2, D, 0.3, window_left=0),  # sees only itself
+    "softcap": AttentionParams(4, 2, D, 0.7, logits_soft_cap=1.5),
+    "window_softcap": AttentionParams(4, 2, D, 0.7, window_left=5, logits_soft_cap=1.5),
+    "sinks": AttentionParams(4, 2, D, 0.5, window_left=4, has_sinks=True),
+}
+
+
+@pytest.mark.parametrize("page_size", [1, 3])
+@pytest.mark.parametrize("name", list(PARAMS))
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_window_softcap_scale_sinks_match_reference(case, name, page_size, masked):
+    p = PARAMS[name]
+    masks = None
+    if masked:
+        rng = np.random.default_rng(5)
+        masks = []
+        for n, kv in zip(*case, strict=True):
+            m = rng.random((n, kv)) < 0.6
+            m[np.arange(n), np.arange(kv - n, kv)] = True  # each token sees itself (inside any window)
+            masks.append(m)
+    batch, kv_cache = _setup(*case, page_size, 2, masks=masks)
+    be = TorchBackend(4, 2, D, page_size, torch.float32, torch.device("cpu"), layer_params=[p])
+    be.plan(AttentionMetadata.from_batch(batch, page_size, torch.device("cpu")))
+    q = torch.randn(batch.num_tokens, 4, D, generator=torch.Generator().manual_seed(9))
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0]) if p.has_sinks else None
+    out = be.run(q, kv_cache, 0, p, sinks)
+    ref = _reference_params(q, kv_cache, batch, page_size, p, sinks)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    if p.window_left >= 0 and max(case[1]) > p.window_left + 1:  # the window changes the result
+        full = be.run(q, kv_cache, 0, AttentionParams(4, 2, D, p.sm_scale, logits_soft_cap=p.logits_soft_cap,
+                                                      has_sinks=p.has_sinks), sinks)  # fmt: skip
+        assert not torch.allclose(out, full, atol=1e-3)
+
+
+def test_sinks_without_a_tensor_is_an_error():
+    batch, kv_cache = _setup([2], [2], 4, 2)
+    be = TorchBackend(4, 2, D, 4, torch.float32, torch.device("cpu"))
+    be.plan(AttentionMetadata.from_batch(batch, 4, torch.device("cpu")))
+    with pytest.raises(ValueError, match="sink"):
+        be.run(torch.zeros(2, 4, D), kv_cache, 0, PARAMS["sinks"])

@@ -34,7 +34,29 @@ def cfg(name: str) -> dict:
 
 
 def test_bundled_configs():
-    assert bundled_configs() == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b"]
+    assert {"llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b"} <= set(bundled_configs())
+
+
+# published parameter counts of the attention-side family configs (model cards / safetensors totals)
+FAMILY_PARAMS = {"gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952, "olmo-3-7b": 7_298_011_136,
+                 "ministral-8b": 8_019_808_256}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_PARAMS) + ["ministral-3-8b"])
+def test_family_configs_build_their_model(name):
+    """Every bundled family config normalizes and builds (on the meta device: no memory) with the
+    published parameter count."""
+    import torch
+
+    from pie.models.config import ModelConfig
+    from pie.models.registry import get_model_class
+
+    mc = ModelConfig.from_hf(cfg(name))
+    with torch.device("meta"):
+        model = get_model_class(mc.model_type)(mc)
+    total = sum(p.numel() for p in model.parameters())
+    if name in FAMILY_PARAMS:
+        assert total == FAMILY_PARAMS[name]
 
 
 @pytest.mark.parametrize(

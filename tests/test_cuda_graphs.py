@@ -280,12 +280,12 @@ def test_runner_plans_the_flashinfer_graph_wrapper_with_the_padded_batch(tiny_ch
         def run(self, q, kv):
             return q.clone()
 
-    made = {}
+    made: dict = {}
 
     def make_attention(B: int, max_pages: int):
         attn = object.__new__(FlashInferDecodeGraph)
         AttentionBackend.__init__(attn, 4, 2, 16, 4, torch.bfloat16, torch.device("cpu"))
-        attn.batch_size, attn._wrapper = B, Recorder()
+        attn.batch_size, attn._wrappers = B, {attn.default_params: Recorder()}
         attn.kv_indptr, attn.kv_last_page_len = (
             torch.zeros(B + 1, dtype=torch.int32),
             torch.ones(B, dtype=torch.int32),
@@ -304,7 +304,7 @@ def test_runner_plans_the_flashinfer_graph_wrapper_with_the_padded_batch(tiny_ch
         assert runner.accepts(batch)
         runner.run(batch)
         p = pad_decode(batch, B, ps, N)
-        call = made[B]._wrapper.calls[-1]
+        call = made[B]._wrappers[made[B].default_params].calls[-1]
         assert call["indptr"].device.type == "cpu" and np.array_equal(
             call["indptr"].numpy(), p.kv_page_indptr
         )
@@ -322,7 +322,7 @@ def test_runner_plans_the_flashinfer_graph_wrapper_with_the_padded_batch(tiny_ch
         meta = runner._graphs[B].meta  # the layers' metadata: the wrapper's own buffers, the static inputs
         assert meta.kv_page_indptr is made[B].kv_indptr and meta.kv_last_page_len is made[B].kv_last_page_len
         assert np.array_equal(meta.append_pages.numpy(), p.append_pages)
-    assert len(made[4]._wrapper.calls) == 1 + 2  # capture plan + two steps
+    assert len(made[4]._wrappers[made[4].default_params].calls) == 1 + 2  # capture plan + two steps
     with pytest.raises(ValueError, match="for 4 requests got 32"):
         made[4].plan(runner._graphs[32].meta)
 

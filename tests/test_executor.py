@@ -118,11 +118,11 @@ def test_unsupported_model_type_lists_supported(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint("llama"), tmp_path, dirs_exist_ok=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(
-        ModelError, match="'gpt2' is not supported; supported types: llama, mistral, qwen2, qwen3"
-    ):
+    with pytest.raises(ModelError, match="'gpt2' is not supported; supported types: gemma2, gemma3, .*llama"):
         make_executor(tmp_path, page_size=16, num_pages=4)
-    assert supported_model_types() == ["llama", "mistral", "qwen2", "qwen3"]
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "mistral3"} <= set(
+        supported_model_types()
+    )
     assert get_model_class("mistral") is get_model_class("llama")
 
 
@@ -167,8 +167,12 @@ def test_config_defaults_and_old_style_rope():
     c = ModelConfig.from_hf({**BASE, "rope_theta": 5e5, "eos_token_id": [1, 2],
                              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})  # fmt: skip
-    assert (c.num_kv_heads, c.head_dim, c.rope_theta, c.eos_token_ids) == (8, 8, 5e5, (1, 2))
-    assert c.rope_scaling.factor == 8.0 and not c.has_qkv_bias and not c.tie_word_embeddings
+    assert (c.num_kv_heads, c.head_dim, c.rope.theta, c.eos_token_ids) == (8, 8, 5e5, (1, 2))
+    assert c.rope.rope_type == "llama3" and c.rope.factor == 8.0
+    assert not c.has_qkv_bias and not c.tie_word_embeddings
+    assert len(c.layers) == 2 and all(
+        layer.rope == c.rope and layer.attention == "full" for layer in c.layers
+    )
     q2 = ModelConfig.from_hf(
         {**BASE, "model_type": "qwen2", "sliding_window": 64, "use_sliding_window": False}
     )
@@ -179,8 +183,13 @@ def test_config_defaults_and_old_style_rope():
 @pytest.mark.parametrize(
     "extra,msg",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-        ({"model_type": "mistral", "sliding_window": 256}, "sliding-window attention"),
+        (
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}},
+            "rope type 'dynamic' is not supported",
+        ),
+        ({"rope_scaling": {"type": "longrope"}}, "rope type 'longrope' is not supported"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "gemma2", "layer_types": ["chunked_attention"] * 2}, "'chunked_attention'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"num_key_value_heads": 3}, "not a multiple"),
     ],
@@ -190,7 +199,27 @@ def test_config_rejects(extra, msg):
         ModelConfig.from_hf({**BASE, **extra})
 
 
+def test_mistral_window_applies_to_every_layer_unless_it_covers_the_context():
+    c = ModelConfig.from_hf({**BASE, "model_type": "mistral", "sliding_window": 256})
+    assert [(x.attention, x.sliding_window) for x in c.layers] == [("sliding", 256)] * 2
+    c = ModelConfig.from_hf({**BASE, "model_type": "mistral", "sliding_window": 4096})
+    assert c.attention_kinds == ("full",)
+
+
 # ---- kv_plan --------------------------------------------------------------------------------
+
+
+def test_page_bytes_sums_over_layers_of_different_kv_shapes():
+    from dataclasses import replace
+
+    from pie.drivers.kv_plan import kv_layer_groups, page_bytes
+
+    layers = list(CFG.layers)
+    layers[1] = replace(layers[1], num_kv_heads=2, head_dim=16)
+    cfg = replace(CFG, layers=tuple(layers))
+    assert page_bytes(cfg, 16, torch.float16) == 2 * 16 * (8 * 8 + 2 * 16) * 2
+    assert kv_layer_groups(cfg) == [((8, 8), [0]), ((2, 16), [1])]
+
 
 CFG = ModelConfig.from_hf({**BASE, "vocab_size": 400})
 

@@ -209,16 +209,69 @@ def test_plan_dispatches_to_one_wrapper_per_batch():
 
     be = object.__new__(FlashInferBackend)
     AttentionBackend.__init__(be, 8, 2, 64, PS, torch.bfloat16, torch.device("cpu"))
-    be._decode, be._prefill, be._active = Recorder(fi_decode_plan), Recorder(fi_prefill_plan), None
+    dec, pre = Recorder(fi_decode_plan), Recorder(fi_prefill_plan)
+    be._wrappers, be._active, be._fallback = {be.default_params: (dec, pre)}, {}, None
     with pytest.raises(RuntimeError, match="before plan"):
         be.run(torch.zeros(1, 8, 64), torch.zeros(1), 0)
     be.plan(_meta([_req([0], 2, 1), _req([1], 3, 1)]))
     q = torch.randn(2, 8, 64, dtype=torch.float32)
     out = be.run(q, torch.zeros(1), 0)
-    assert be._decode.runs == 1 and be._prefill.runs == 0
+    assert dec.runs == 1 and pre.runs == 0
     assert out.dtype == torch.float32 and torch.allclose(
         out, q.to(torch.bfloat16).float()
     )  # cast in, back out
     be.plan(_meta([_req([0], 2, 2)]))
     be.run(torch.randn(2, 8, 64, dtype=torch.bfloat16), torch.zeros(1), 0)
-    assert be._prefill.runs == 1 and len(be._prefill.calls) == 1 and be._prefill.calls[0]["causal"] is True
+    assert pre.runs == 1 and len(pre.calls) == 1 and pre.calls[0]["causal"] is True
+
+
+def test_plan_once_per_attention_kind_with_window_softcap_and_scale():
+    """A model with sliding and full layers (Gemma 2): each batch plans each kind's wrapper once, with its
+    window_left / logits_soft_cap / sm_scale; each layer runs on its kind's wrapper; a kind FlashInfer cannot
+    run (sinks) goes to the torch fallback."""
+    from pie.attention.base import AttentionParams
+
+    class Recorder:
+        def __init__(self, sig):
+            self.sig, self.calls, self.runs = inspect.signature(sig), [], 0
+
+        def plan(self, *a, **k):
+            self.calls.append(self.sig.bind(*a, **k).arguments)
+
+        def run(self, q, kv):
+            self.runs += 1
+            return q.clone()
+
+    class Fallback:
+        planned, runs = 0, []
+
+        def plan(self, meta):
+            Fallback.planned += 1
+
+        def run(self, q, kv, layer, p, sinks):
+            Fallback.runs.append((layer, p, sinks))
+            return q
+
+    full = AttentionParams(8, 2, 64, 0.2, logits_soft_cap=50.0)
+    sliding = AttentionParams(8, 2, 64, 0.2, window_left=4095, logits_soft_cap=50.0)
+    sinks = AttentionParams(8, 2, 64, 0.2, has_sinks=True)
+    be = object.__new__(FlashInferBackend)
+    AttentionBackend.__init__(be, 8, 2, 64, PS, torch.bfloat16, torch.device("cpu"), 0.2, [sliding, full])
+    rec = {p: (Recorder(fi_decode_plan), Recorder(fi_prefill_plan)) for p in (sliding, full)}
+    be._wrappers, be._active, be._fallback = rec, {}, Fallback()
+    be.plan(_meta([_req([0], 2, 2), _req([1], 3, 1)]))  # mixed: prefill wrappers
+    for p in (sliding, full):
+        dec, pre = rec[p]
+        assert not dec.calls and len(pre.calls) == 1
+        call = pre.calls[0]
+        assert call["sm_scale"] == 0.2 and call["logits_soft_cap"] == 50.0
+        assert call.get("window_left", -1) == p.window_left  # unset = 0.6.3 default -1
+    be.plan(_meta([_req([0], 2, 1)]))  # decode
+    assert rec[sliding][0].calls[0]["window_left"] == 4095 and "window_left" not in rec[full][0].calls[0]
+    q = torch.randn(1, 8, 64, dtype=torch.bfloat16)
+    for layer, p in enumerate((sliding, full, sliding)):
+        be.run(q, torch.zeros(1), layer, p)
+    assert rec[sliding][0].runs == 2 and rec[full][0].runs == 1
+    s = torch.zeros(8)
+    be.run(q, torch.zeros(1), 3, sinks, s)
+    assert Fallback.planned == 2 and Fallback.runs == [(3, sinks, s)]

@@ -291,7 +291,8 @@ def test_download_errors_become_model_errors(cache: Path, monkeypatch: pytest.Mo
 def _broken_dirs(tmp_path: Path) -> dict[str, Path]:
     good = checkpoint_files("qwen3")
     config = json.loads(good["config.json"])
-    yarn = {**config, "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}
+    # a rope type pie rejects (yarn was one until it was implemented)
+    longrope = {**config, "rope_parameters": {"rope_theta": 1e6, "rope_type": "longrope", "factor": 4.0}}
     full = tiny_safetensors()
     return {
         "ok": write_dir(tmp_path / "ok", good),
@@ -299,7 +300,7 @@ def _broken_dirs(tmp_path: Path) -> dict[str, Path]:
         "badjson": write_dir(tmp_path / "badjson", {**good, "config.json": "{not json"}),
         "zero": write_dir(tmp_path / "zero", {**good, "model.safetensors": b""}),
         "trunc": write_dir(tmp_path / "trunc", {**good, "model.safetensors": full[: len(full) - 7]}),
-        "yarn": write_dir(tmp_path / "yarn", {**good, "config.json": json.dumps(yarn)}),
+        "longrope": write_dir(tmp_path / "longrope", {**good, "config.json": json.dumps(longrope)}),
     }
 
 
@@ -307,7 +308,7 @@ def test_model_list_marks_only_runnable_dirs(tmp_path: Path, cache: Path, embedd
     dirs = _broken_dirs(tmp_path)
     rows = {name: hub.inspect_dir(name, "local", d) for name, d in dirs.items()}
     assert rows["ok"].supported is True and rows["ok"].reasons == []
-    for name in ("notok", "badjson", "zero", "trunc", "yarn"):
+    for name in ("notok", "badjson", "zero", "trunc", "longrope"):
         assert rows[name].supported is False, name
     [r] = rows["notok"].reasons
     assert "no tokenizer files in" in r and str(dirs["notok"]) in r
@@ -317,8 +318,8 @@ def test_model_list_marks_only_runnable_dirs(tmp_path: Path, cache: Path, embedd
     assert f"{dirs['zero'] / 'model.safetensors'} is empty (0 bytes" in r and "re-download" in r
     [r] = rows["trunc"].reasons
     assert f"{dirs['trunc'] / 'model.safetensors'} is not a readable safetensors file" in r
-    [r] = rows["yarn"].reasons
-    assert f"{dirs['yarn'] / 'config.json'}: rope type 'yarn' is not supported" in r
+    [r] = rows["longrope"].reasons
+    assert str(dirs["longrope"] / "config.json") in r and "rope type 'longrope' is not supported" in r
 
 
 def test_tokenizer_reports_a_broken_config_and_missing_tokenizer_by_name(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 from pie import kernels
 from pie.layers.norm import RMSNorm
 from pie.layers.rotary import RotaryEmbedding
+from pie.models.config import RopeSpec
 
 if kernels.HAS_TRITON:
     from pie.kernels import rmsnorm, rope
@@ -172,7 +173,7 @@ def test_rope_matches_rotary(monkeypatch, dtype, heads, D, T):
     skip_interpreted_bf16(dtype)
     Hq, Hkv = heads
     max_pos = 40960
-    rot = RotaryEmbedding(D, max_pos, 1_000_000.0, None)
+    rot = RotaryEmbedding(D, max_pos, RopeSpec(theta=1_000_000.0))
     g = torch.Generator().manual_seed(T * D + Hq)
     positions = torch.randint(0, max_pos, (T,), generator=g)
     positions[-1] = max_pos - 1  # the last cache row; the rest are random, unordered, may repeat
@@ -192,7 +193,7 @@ def test_rope_matches_rotary(monkeypatch, dtype, heads, D, T):
 
 @needs_triton
 def test_rope_rejects_bad_input():
-    cs = RotaryEmbedding(64, 16, 10000.0, None).cos_sin(torch.device("cpu"))
+    cs = RotaryEmbedding(64, 16, RopeSpec()).cos_sin(torch.device("cpu"))
     q, k, pos = torch.zeros(2, 4, 64), torch.zeros(2, 2, 64), torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="must agree on T and D"):
         rope.apply_rope(q, k[:1], pos, cs)
@@ -234,7 +235,7 @@ def test_cpu_falls_back_to_torch(monkeypatch):
     s = x + res
     torch.testing.assert_close(new_res, s, rtol=0, atol=0)
     torch.testing.assert_close(y, norm.weight * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))
-    rot = RotaryEmbedding(64, 32, 10000.0, None)
+    rot = RotaryEmbedding(64, 32, RopeSpec())
     q, k, pos = torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.tensor([5, 0, 31])
     q_out, _ = rot(pos, q, k)
     cos, sin = rot.cos_sin(q.device)[pos].unsqueeze(1).chunk(2, dim=-1)
@@ -253,7 +254,7 @@ def test_cuda_layers_dispatch_to_kernels(monkeypatch):
     norm = make_norm(128, torch.bfloat16, "cuda")
     x = randn(4, 128, dtype=torch.bfloat16, device="cuda", seed=8)
     norm(x), norm(x, x)
-    rot = RotaryEmbedding(128, 64, 10000.0, None)
+    rot = RotaryEmbedding(128, 64, RopeSpec())
     pos = torch.arange(4, device="cuda")
     rot(pos, x.view(4, 1, 128), x.view(4, 1, 128))
     assert calls == ["norm", "norm", "rope"]

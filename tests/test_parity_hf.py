@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tiny_models import ARCHS
+from tiny_models import ARCHS, hf_model_class
 
 from pie.drivers.executor import ModelExecutor
 from pie.drivers.protocol import make_batch
@@ -62,7 +62,8 @@ def make_executor(path, page_size: int, num_pages: int = 160) -> ModelExecutor:
 def hf_model(path) -> torch.nn.Module:
     key = str(path)
     if key not in _HF:
-        _HF[key] = transformers.AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+        cls = hf_model_class(transformers.AutoConfig.from_pretrained(key))
+        _HF[key] = cls.from_pretrained(key, dtype=torch.float32).eval()
     return _HF[key]
 
 

@@ -121,7 +121,7 @@ def test_forward_builder_extras_positions_and_mask():
     run(main())
 
 
-def test_fork_shares_full_pages_copies_the_partial_one_and_continues_identically():
+def test_fork_shares_pages_copies_the_partial_one_on_write_and_continues_identically():
     async def inferlet(_input):
         m = Model.load()
         alloc = m._rt.allocator
@@ -129,14 +129,16 @@ def test_fork_shares_full_pages_copies_the_partial_one_and_continues_identically
         ctx.append(list(range(1, 11)))  # 10 tokens, page size 4: 2 full pages + 2 slots
         await ctx.flush()
         child = ctx.fork()
-        # full pages shared (parent, child and the prefix cache hold them); the partial one copied
-        assert child.page_ids[:2] == ctx.page_ids[:2] and child.page_ids[2] != ctx.page_ids[2]
-        assert [alloc.refcount(p) for p in ctx.page_ids] == [3, 3, 1] and alloc.refcount(
-            child.page_ids[2]
-        ) == 1
+        # every page shared: full ones by parent, child and the prefix cache; the partial one by both
+        assert child.page_ids == ctx.page_ids
+        assert [alloc.refcount(p) for p in ctx.page_ids] == [3, 3, 2]
         assert child.seq_len == 10 and child.buffer() == []
+        partial = ctx.page_ids[2]
         a = await ctx.generate(max_tokens=4).collect_tokens()
+        # the parent wrote first: it copied the partial page; the child now holds the original alone
+        assert ctx.page_ids[2] != partial and child.page_ids[2] == partial and alloc.refcount(partial) == 1
         b = await child.generate(max_tokens=4).collect_tokens()
+        assert child.page_ids[2] == partial  # written in place, no second copy
         assert a == b == greedy_reference(list(range(1, 11)), 4)
         ctx.close()
         assert alloc.refcount(child.page_ids[0]) == 2  # the child's and the cache's
@@ -517,5 +519,46 @@ def test_tiny_seeded_sampling_is_reproducible(tiny_dir):
         e = await tiny_engine(tiny_dir)
         assert await e.run_inferlet(inferlet, {}) == "ok"
         await e.shutdown()
+
+    run(main())
+
+
+@pytest.mark.parametrize("swap_slots", [0, 32])
+def test_tiny_memory_pressure_forks_and_prefix_sharing_keep_outputs_exact(tiny_dir, swap_slots):
+    """The real executor under pressure: 6 contexts need ~2x the 24 pages; preemption (recompute, or swap
+    through the executor's host pool), forks (device page copies) and the prefix cache all leave every
+    greedy output equal to the context run alone on a roomy engine."""
+    prompts = [p + " and then some more words to make it longer" for p in PROMPTS] + ["Again " * 6, "x y z w"]
+
+    async def one(m, prompt):
+        ctx = Context(m).append(m.tokenizer.encode(prompt))
+        await ctx.flush()
+        child = ctx.fork()
+        a = await ctx.generate(Sampler.argmax(), max_tokens=10, ignore_eos=True).collect_tokens()
+        b = await child.generate(Sampler.argmax(), max_tokens=10, ignore_eos=True).collect_tokens()
+        assert a == b
+        return a
+
+    async def together(_input):
+        m = Model.load()
+        return await asyncio.gather(*(one(m, p) for p in prompts))
+
+    async def alone(_input):
+        m = Model.load()
+        return [await one(m, p) for p in prompts]
+
+    async def main():
+        roomy = await tiny_engine(tiny_dir)
+        tight = await tiny_engine(tiny_dir, num_pages=24, swap_slots=swap_slots)
+        want = await roomy.run_inferlet(alone, {})
+        got = await tight.run_inferlet(together, {})
+        assert got == want
+        st = tight.model().stats()
+        assert st["preemptions"] > 0 and st["pages_copied"] > 0
+        if swap_slots:
+            assert st["pages_swapped_in"] > 0
+        assert_all_free(tight.model())
+        await roomy.shutdown()
+        await tight.shutdown()
 
     run(main())

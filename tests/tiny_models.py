@@ -2,8 +2,13 @@
 what a real download looks like (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
 
 make_tiny_checkpoint(dirpath, arch) -> Path. Archs: llama, llama3_scaled (llama3 rope scaling), llama_tied,
-mistral, qwen2 (q/k/v bias), qwen3 (q/k norms). Shapes: hidden 64, 2 layers, 4 heads, 2 kv heads (head_dim
-16), intermediate 128, vocab = the tokenizer's (~400). Weights are seeded and larger than HF's default
+mistral, qwen2 (q/k/v bias), qwen3 (q/k norms), and the attention-side families (FAMILY_ARCHS) with their
+quirks switched on and windows that bite (sliding_window 6 against 17-33 token prompts): gemma2, gemma3_text,
+gemma3 (multimodal wrapper, tiny SigLIP tower), olmo3, ministral, ministral3, mistral3 (wrapper, tiny Pixtral
+tower); "<arch>_legacy" writes the same model with the older config keys (rope_theta / rope_scaling /
+rope_local_base_freq / sliding_window_pattern, no layer_types). Shapes: hidden 64, 2 layers (families: 4-8,
+several of each attention kind), 4 heads, 2 kv heads (head_dim 16), intermediate 128, vocab = the
+tokenizer's (~400). Weights are seeded and larger than HF's default
 init (std 0.15) so logits have a clear argmax; biases and norm scales are random too, so a bias or norm
 wired to the wrong tensor changes the logits.
 """
@@ -23,6 +28,18 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 ARCHS = ("llama", "llama3_scaled", "llama_tied", "mistral", "qwen2", "qwen3")
+FAMILY_ARCHS = ("gemma2", "gemma3_text", "gemma3", "olmo3", "ministral", "ministral3", "mistral3")
+LEGACY_ARCHS = (
+    "gemma2_legacy",
+    "gemma3_text_legacy",
+    "olmo3_legacy",
+    "ministral_legacy",
+    "ministral3_legacy",
+)
+WINDOW = 6
+# YaRN as the hub's OLMo 3 / Ministral 3 ship it, with a short original context so it bites at test lengths
+_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+         "beta_slow": 1.0}  # fmt: skip
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A programmable serving system lets small programs drive
@@ -87,6 +104,9 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
             "original_max_position_embeddings": 64,
         }
     kw = {**common, "rope_parameters": rope}
+    if arch in FAMILY_ARCHS:  # overrides reach the text config (e.g. FlashInfer-sized heads on the GPU)
+        common = {k: v for k, v in {**common, **overrides}.items() if k != "num_hidden_layers"}
+        return _family_config(arch, common)
     if arch in ("llama", "llama3_scaled", "llama_tied"):
         cls, kw = tf.LlamaConfig, {**kw, "tie_word_embeddings": arch == "llama_tied"}
     elif arch == "mistral":
@@ -100,20 +120,93 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
     return cls(**{**kw, **overrides})
 
 
+def _family_config(arch: str, common: dict):
+    import transformers as tf
+
+    gemma = dict(query_pre_attn_scalar=24, sliding_window=WINDOW, hidden_activation="gelu_pytorch_tanh")
+    if arch == "gemma2":
+        layers = ["sliding_attention", "full_attention"] * 2
+        # soft-caps small enough to bite on logits of O(5)
+        return tf.Gemma2Config(**common, **gemma, num_hidden_layers=4, layer_types=layers,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+    if arch in ("gemma3_text", "gemma3"):
+        layers = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+        text = tf.Gemma3TextConfig(**common, **gemma, num_hidden_layers=6, layer_types=layers,
+                                   final_logit_softcapping=5.0,
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                       "rope_theta": 1_000_000.0},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 10_000.0}})  # fmt: skip
+        if arch == "gemma3_text":
+            return text
+        # transformers' Gemma3ForConditionalGeneration never applies the final soft-cap (the hub's gemma3
+        # configs set it null); pie honours it when set, so the wrapper test leaves it unset
+        text.final_logit_softcapping = None
+        vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                               tie_word_embeddings=True)  # fmt: skip
+    if arch == "olmo3":
+        layers = ["sliding_attention"] * 3 + ["full_attention"]
+        return tf.Olmo3Config(**common, num_hidden_layers=8, layer_types=layers * 2, sliding_window=WINDOW,
+                              rope_parameters={"full_attention": {**_YARN, "rope_theta": 500_000.0},
+                                               "sliding_attention": {"rope_type": "default",
+                                                                     "rope_theta": 500_000.0}})  # fmt: skip
+    if arch == "ministral":
+        layers = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        return tf.MinistralConfig(**common, num_hidden_layers=4, layer_types=layers, sliding_window=WINDOW,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 100_000.0})  # fmt: skip
+    rope3 = {**_YARN, "rope_theta": 1_000_000.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+             "llama_4_scaling_beta": 0.1}  # fmt: skip
+    text = tf.Ministral3Config(**common, num_hidden_layers=3, sliding_window=WINDOW, rope_parameters=rope3)
+    if arch == "ministral3":
+        return text
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14, head_dim=8)  # fmt: skip
+    return tf.Mistral3Config(text_config=text.to_dict(), vision_config=vision)
+
+
+# Older config layouts: the keys transformers 4 wrote, per family (applied to config.json after saving).
+def _legacy_keys(arch: str, cfg: dict) -> dict:
+    drop = {"rope_parameters", "layer_types"}
+    if arch == "gemma2":
+        return {k: v for k, v in cfg.items() if k not in drop} | {"rope_theta": 10000.0}
+    if arch == "gemma3_text":
+        return {k: v for k, v in cfg.items() if k not in drop} | {
+            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 3,
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0}}  # fmt: skip
+    if arch == "olmo3":
+        # every 4th layer full (the older default), yarn on full layers only
+        return {k: v for k, v in cfg.items() if k not in drop} | {
+            "rope_theta": 500_000.0,
+            "rope_scaling": dict(_YARN),
+        }
+    if arch == "ministral":
+        # no layer_types: every layer slides
+        return {k: v for k, v in cfg.items() if k not in drop} | {"rope_theta": 100_000.0}
+    if arch == "ministral3":
+        rope = dict(cfg["rope_parameters"])
+        theta = rope.pop("rope_theta")
+        return {k: v for k, v in cfg.items() if k not in drop} | {"rope_theta": theta, "rope_scaling": rope}
+    raise ValueError(f"no legacy layout for {arch!r}")
+
+
 def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> Path:
     """Write a seeded tiny HF checkpoint for `arch` into dirpath (created) and return it.
 
     config_overrides go to the transformers config constructor (e.g. num_hidden_layers=3).
     """
-    import transformers as tf
 
     out = Path(dirpath)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer()
     special = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = _hf_config(arch, tok.get_vocab_size(), special, config_overrides)
+    legacy = arch.endswith("_legacy")
+    base = arch.removesuffix("_legacy")
+    config = _hf_config(base, tok.get_vocab_size(), special, config_overrides)
     torch.manual_seed(ARCHS.index(arch) if arch in ARCHS else 0)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = hf_model_class(config).from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -122,6 +215,9 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
+    if legacy:
+        cfg_path = out / "config.json"
+        cfg_path.write_text(json.dumps(_legacy_keys(base, json.loads(cfg_path.read_text())), indent=2))
 
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {
@@ -131,8 +227,18 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
         "pad_token": "<|endoftext|>",
         "unk_token": None,
         "chat_template": CHATML_TEMPLATE,
-        "model_max_length": config.max_position_embeddings,
+        "model_max_length": 512,
         "add_bos_token": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
+
+
+def hf_model_class(config):
+    """The transformers auto class that builds a config's model with an LM head (mistral3 is registered
+    for image-text-to-text only)."""
+    import transformers as tf
+
+    if getattr(config, "model_type", None) == "mistral3":
+        return tf.AutoModelForImageTextToText
+    return tf.AutoModelForCausalLM

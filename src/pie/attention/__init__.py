@@ -29,20 +29,26 @@ def flashinfer_available() -> bool:
 
 def create_backend(name: str, **kwargs) -> AttentionBackend:
     """Build a backend; kwargs are AttentionBackend's constructor arguments (num_qo_heads, num_kv_heads,
-    head_dim, page_size, dtype, device, sm_scale).
+    head_dim, page_size, dtype, device, sm_scale, layer_params).
 
-    "auto" picks FlashInfer when the device is CUDA, flashinfer imports and supports the shape and dtype,
-    else the torch backend.
+    "auto" picks FlashInfer when the device is CUDA, flashinfer imports and supports the dtype and at least
+    one layer's attention (layers it cannot run fall back to the torch backend inside it), else torch.
     """
     if name == "auto":
         name = "torch"
         if torch.device(kwargs.get("device", "cpu")).type == "cuda" and flashinfer_available():
-            from pie.attention.flashinfer_backend import unsupported_reason
+            from pie.attention.base import AttentionParams
+            from pie.attention.flashinfer_backend import params_unsupported_reason
 
-            why = unsupported_reason(
-                kwargs["num_qo_heads"], kwargs["num_kv_heads"], kwargs["head_dim"], kwargs["dtype"]
+            default = AttentionParams(
+                kwargs["num_qo_heads"],
+                kwargs["num_kv_heads"],
+                kwargs["head_dim"],
+                kwargs.get("sm_scale") or kwargs["head_dim"] ** -0.5,
             )
-            name = "torch" if why else "flashinfer"
+            kinds = kwargs.get("layer_params") or [default]
+            if any(params_unsupported_reason(p, kwargs["dtype"]) is None for p in kinds):
+                name = "flashinfer"
     if name == "torch":
         from pie.attention.torch_backend import TorchBackend
 

@@ -4,6 +4,10 @@ KV cache layout (FlashInfer's NHD), one tensor per layer:
     kv_cache[layer]: [num_pages, 2, page_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
 
 A token's KV slot s of a request lives at page kv_page_indices[r][s // page_size], offset s % page_size.
+
+Per-layer attention parameters (AttentionParams: heads, scale, sliding window, logit soft-cap, sinks) are
+fixed when the model is built; a backend is told every distinct one at construction (`layer_params`) so it
+can plan once per batch for each attention kind present, and each layer's run() names its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,29 @@ import numpy as np
 import torch
 
 from pie.drivers.protocol import ForwardBatch
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """One layer's attention, as the backends see it (hashable: layers with equal params share a plan).
+
+    window_left: a query at KV slot s sees slots s - window_left .. s (FlashInfer's convention; an HF
+    sliding_window W is window_left W - 1); -1 = unbounded. logits_soft_cap: scores -> cap * tanh(scores / cap)
+    after scaling, before the mask; 0 = off. has_sinks: a per-head sink logit joins the softmax denominator
+    (the layer passes the sink tensor to run()).
+    """
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sm_scale: float
+    window_left: int = -1
+    logits_soft_cap: float = 0.0
+    has_sinks: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "sliding" if self.window_left >= 0 else "full"
 
 
 @dataclass
@@ -101,6 +128,7 @@ class AttentionBackend(ABC):
         dtype: torch.dtype,
         device: torch.device,
         sm_scale: float | None = None,
+        layer_params: list[AttentionParams] | None = None,
     ) -> None:
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
@@ -109,14 +137,26 @@ class AttentionBackend(ABC):
         self.dtype = dtype
         self.device = device
         self.sm_scale = sm_scale if sm_scale is not None else head_dim**-0.5
+        # what run() uses when a caller names no params: full causal attention with the shape above
+        self.default_params = AttentionParams(num_qo_heads, num_kv_heads, head_dim, self.sm_scale)
+        # every distinct layer's params, in first-use order (the kinds planned per batch)
+        self.layer_params: list[AttentionParams] = list(dict.fromkeys(layer_params or [self.default_params]))
 
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:
         """Prepare for a batch; called once before the layers run."""
 
     @abstractmethod
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """q: [T, Hq, D]; kv_cache: this layer's [num_pages, 2, page_size, Hkv, D], already appended.
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer_idx: int,
+        params: AttentionParams | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; kv_cache: this layer's [num_pages, 2, page_size, Hkv, D], already appended;
+        params: this layer's (None: default_params); sinks: [Hq] sink logits when params.has_sinks.
 
         Returns [T, Hq, D] in q's dtype.
         """

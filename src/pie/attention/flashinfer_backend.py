@@ -1,8 +1,17 @@
 """Paged attention through FlashInfer 0.6.3 (CUDA fast path).
 
-One 128 MiB float workspace is shared by two wrappers; a batch uses exactly one of them for all layers:
+Per attention kind (each distinct AttentionParams of the model's layers: e.g. Gemma 2's sliding and full
+layers, which differ in window_left) there is one pair of wrappers, and a batch plans exactly one of each
+pair, once, before the layers run; each layer's run() uses its kind's planned wrapper:
   * decode batches (every request has one new token, no mask) -> BatchDecodeWithPagedKVCacheWrapper
   * everything else (prefill, mixed, custom masks)           -> BatchPrefillWithPagedKVCacheWrapper
+The window (window_left), logit soft-cap (logits_soft_cap) and softmax scale (sm_scale) are plan()
+arguments of both wrappers in 0.6.3. All wrappers share one 128 MiB float workspace: runs are sequential on
+one stream, and each wrapper keeps its own plan info.
+
+Per-layer fallback: kinds FlashInfer 0.6.3's paged FA2 wrappers cannot run (attention sinks; head dims other
+than 64/128/256) run on the portable torch backend instead, planned for the same batch; the others stay on
+FlashInfer. CUDA graphs are off for such models (the torch backend plans on the host per batch).
 
 Both use the NHD layout, which is pie's cache layout: kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
 FlashInfer's causal mode aligns the query block to the end of the KV (query i of a request with qo_len n and
@@ -32,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pie.attention.base import AttentionBackend, AttentionMetadata
+from pie.attention.base import AttentionBackend, AttentionMetadata, AttentionParams
 from pie.errors import DriverError
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-k partial results)
@@ -57,6 +66,13 @@ def unsupported_reason(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtyp
     return None
 
 
+def params_unsupported_reason(p: AttentionParams, dtype: torch.dtype) -> str | None:
+    """Why FlashInfer's paged wrappers cannot run a layer of these params (None when they can)."""
+    if p.has_sinks:
+        return "attention sinks are not supported by FlashInfer's paged FA2 wrappers (0.6.3)"
+    return unsupported_reason(p.num_qo_heads, p.num_kv_heads, p.head_dim, dtype)
+
+
 def decode_uses_tensor_cores(num_qo_heads: int, num_kv_heads: int) -> bool:
     return num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
 
@@ -66,31 +82,47 @@ def _host_i32(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
 
 
-def decode_plan_args(backend: AttentionBackend, meta: AttentionMetadata) -> tuple[tuple, dict[str, Any]]:
-    """Arguments of BatchDecodeWithPagedKVCacheWrapper.plan (0.6.3) for a decode batch.
+def _kind_kwargs(p: AttentionParams) -> dict[str, Any]:
+    """The per-kind plan arguments: sliding window and soft-cap only where set (0.6.3's defaults otherwise)."""
+    out: dict[str, Any] = {}
+    if p.window_left >= 0:
+        out["window_left"] = p.window_left
+    if p.logits_soft_cap > 0:
+        out["logits_soft_cap"] = p.logits_soft_cap
+    return out
+
+
+def decode_plan_args(
+    backend: AttentionBackend, meta: AttentionMetadata, params: AttentionParams | None = None
+) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of BatchDecodeWithPagedKVCacheWrapper.plan (0.6.3) for a decode batch and one kind.
 
     indptr and last_page_len are CPU tensors (plan reads them on the host and copies them up itself);
     indices are meta's device tensor (plan only moves them to the device, a no-op then).
     """
+    p = params or backend.default_params
     args = (
         _host_i32(meta.kv_page_indptr_host),  # indptr [R+1]
         meta.kv_page_indices,  # indices [P], device
         _host_i32(meta.kv_last_page_len_host),  # last_page_len [R]
-        backend.num_qo_heads,
-        backend.num_kv_heads,
-        backend.head_dim,
+        p.num_qo_heads,
+        p.num_kv_heads,
+        p.head_dim,
         backend.page_size,
     )
     kwargs = dict(
         pos_encoding_mode="NONE",
         q_data_type=backend.dtype,
         kv_data_type=backend.dtype,
-        sm_scale=backend.sm_scale,
+        sm_scale=p.sm_scale,
+        **_kind_kwargs(p),
     )
     return args, kwargs
 
 
-def prefill_plan_args(backend: AttentionBackend, meta: AttentionMetadata) -> tuple[tuple, dict[str, Any]]:
+def prefill_plan_args(
+    backend: AttentionBackend, meta: AttentionMetadata, params: AttentionParams | None = None
+) -> tuple[tuple, dict[str, Any]]:
     """Arguments of BatchPrefillWithPagedKVCacheWrapper.plan (0.6.3): causal, or pie's custom mask.
 
     Without a mask the indptrs are CPU tensors (no sync). With a mask they are meta's device tensors,
@@ -103,23 +135,25 @@ def prefill_plan_args(backend: AttentionBackend, meta: AttentionMetadata) -> tup
         last_page_len = _host_i32(meta.kv_last_page_len_host)
     else:
         qo_indptr, kv_indptr, last_page_len = meta.qo_indptr, meta.kv_page_indptr, meta.kv_last_page_len
+    p = params or backend.default_params
     args = (
         qo_indptr,  # qo_indptr [R+1]
         kv_indptr,  # paged_kv_indptr [R+1]
         meta.kv_page_indices,  # paged_kv_indices [P], device
         last_page_len,  # paged_kv_last_page_len [R]
-        backend.num_qo_heads,
-        backend.num_kv_heads,
-        backend.head_dim,  # head_dim_qk (head_dim_vo defaults to it)
+        p.num_qo_heads,
+        p.num_kv_heads,
+        p.head_dim,  # head_dim_qk (head_dim_vo defaults to it)
         backend.page_size,
     )
     kwargs = dict(
         custom_mask=meta.mask,  # flat bool [sum(qo_len * kv_len)] or None; True = may attend
         causal=meta.mask is None,  # ignored by FlashInfer when custom_mask is given
         pos_encoding_mode="NONE",
-        sm_scale=backend.sm_scale,
+        sm_scale=p.sm_scale,
         q_data_type=backend.dtype,
         kv_data_type=backend.dtype,
+        **_kind_kwargs(p),
     )
     return args, kwargs
 
@@ -136,16 +170,22 @@ class FlashInferBackend(AttentionBackend):
         dtype: torch.dtype,
         device: torch.device,
         sm_scale: float | None = None,
+        layer_params: list[AttentionParams] | None = None,
     ) -> None:
-        super().__init__(num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, sm_scale)
+        super().__init__(
+            num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, sm_scale, layer_params
+        )
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise DriverError(
                 f"FlashInfer attention runs on CUDA only, not {self.device}; use attention_backend 'torch'"
             )
-        reason = unsupported_reason(num_qo_heads, num_kv_heads, head_dim, dtype)
-        if reason:
-            raise DriverError(f'{reason}; set attention_backend = "torch" for this model')
+        reasons = {p: params_unsupported_reason(p, dtype) for p in self.layer_params}
+        supported = [p for p, why in reasons.items() if why is None]
+        if not supported:
+            raise DriverError(
+                f'{next(iter(reasons.values()))}; set attention_backend = "torch" for this model'
+            )
         try:
             import flashinfer
         except Exception as e:  # an ImportError, or a broken native extension
@@ -155,18 +195,37 @@ class FlashInferBackend(AttentionBackend):
             ) from None
         # Zero-filled: the decode wrapper requires a zeroed float workspace on first use.
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        # kind -> (decode wrapper, prefill wrapper)
+        self._wrappers: dict[AttentionParams, tuple[Any, Any]] = {}
+        for p in supported:
+            tc = decode_uses_tensor_cores(p.num_qo_heads, p.num_kv_heads)
+            self._wrappers[p] = (
+                flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    self._workspace, KV_LAYOUT, use_tensor_cores=tc, backend=FA_BACKEND
+                ),
+                flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    self._workspace, KV_LAYOUT, backend=FA_BACKEND
+                ),
+            )
         self.decode_tensor_cores = decode_uses_tensor_cores(num_qo_heads, num_kv_heads)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, KV_LAYOUT, use_tensor_cores=self.decode_tensor_cores, backend=FA_BACKEND
-        )
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, KV_LAYOUT, backend=FA_BACKEND
-        )
-        self._active = None  # the wrapper planned for the current batch
+        # Kinds FlashInfer lacks a feature for run on the torch backend, per layer (see the module docstring).
+        self._fallback: AttentionBackend | None = None
+        if len(supported) < len(reasons):
+            from pie.attention.torch_backend import TorchBackend
+
+            self._fallback = TorchBackend(
+                num_qo_heads, num_kv_heads, head_dim, page_size, dtype, self.device, sm_scale, layer_params
+            )
+        self._active: dict[AttentionParams, Any] = {}  # kind -> the wrapper planned for the current batch
         self._graph_workspace: torch.Tensor | None = None  # graph wrappers' own, when they need more
 
+    @property
+    def has_fallback(self) -> bool:
+        return self._fallback is not None
+
     def graph_decode(self, batch_size: int, max_pages: int, workspace_bytes: int) -> FlashInferDecodeGraph:
-        """A graph-mode decode wrapper for exactly `batch_size` requests and at most `max_pages` pages.
+        """A graph-mode decode wrapper set (one per kind) for exactly `batch_size` requests and at most
+        `max_pages` pages.
 
         workspace_bytes: the float workspace the largest graph of this backend needs (graph_workspace_bytes);
         pass the same value on every call. Up to WORKSPACE_BYTES the eager wrappers' workspace is shared (one
@@ -180,23 +239,41 @@ class FlashInferBackend(AttentionBackend):
         return FlashInferDecodeGraph(self, batch_size, max_pages, workspace)
 
     def plan(self, meta: AttentionMetadata) -> None:
+        """One plan per attention kind present in the model (its decode or prefill wrapper)."""
         if meta.page_size != self.page_size:
             raise ValueError(f"metadata page_size {meta.page_size} != backend page_size {self.page_size}")
-        if meta.is_decode:
-            args, kwargs = decode_plan_args(self, meta)
-            self._decode.plan(*args, **kwargs)
-            self._active = self._decode
-        else:
-            args, kwargs = prefill_plan_args(self, meta)
-            self._prefill.plan(*args, **kwargs)
-            self._active = self._prefill
+        self._active = {}
+        for p, (decode, prefill) in self._wrappers.items():
+            if meta.is_decode:
+                args, kwargs = decode_plan_args(self, meta, p)
+                decode.plan(*args, **kwargs)
+                self._active[p] = decode
+            else:
+                args, kwargs = prefill_plan_args(self, meta, p)
+                prefill.plan(*args, **kwargs)
+                self._active[p] = prefill
+        if self._fallback is not None:
+            self._fallback.plan(meta)
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer_idx: int,
+        params: AttentionParams | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q: [T, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] in self.dtype -> [T, Hq, D] in q's dtype."""
-        if self._active is None:
+        if not self._active:
             raise RuntimeError("FlashInferBackend.run called before plan")
+        p = params or self.default_params
+        wrapper = self._active.get(p)
+        if wrapper is None:
+            if self._fallback is None:
+                raise ValueError(f"layer {layer_idx}: attention params {p} were not given at construction")
+            return self._fallback.run(q, kv_cache, layer_idx, p, sinks)
         # The kernels were planned for self.dtype; .contiguous() is a no-op for the model's fresh q.
-        out = self._active.run(q.to(self.dtype).contiguous(), kv_cache)
+        out = wrapper.run(q.to(self.dtype).contiguous(), kv_cache)
         return out.to(q.dtype)
 
 
@@ -262,14 +339,15 @@ def graph_workspace_bytes(
 
 
 class FlashInferDecodeGraph(AttentionBackend):
-    """Decode attention for exactly `batch_size` requests in FlashInfer's CUDA-graph mode.
+    """Decode attention for exactly `batch_size` requests in FlashInfer's CUDA-graph mode, one wrapper per
+    attention kind of the parent backend.
 
-    The wrapper reads indptr [B+1], indices [max_pages] and last_page_len [B] from fixed device buffers
-    (kv_indptr, kv_indices, kv_last_page_len) that plan() refills, so kernels captured from run() stay
-    valid across plans. In graph mode 0.6.3's launch parameters (plan_info: split-kv, padded grid,
-    workspace offsets) depend only on the batch size, never on KV lengths, so one capture serves every
-    later plan. plan() must run outside the graph, before each replay. Same kernels as the eager decode
-    wrapper: FA2, tensor cores from GQA group 4.
+    The wrappers read indptr [B+1], indices [max_pages] and last_page_len [B] from fixed device buffers
+    (kv_indptr, kv_indices, kv_last_page_len, shared by all kinds: each kind's plan writes the same values)
+    that plan() refills, so kernels captured from run() stay valid across plans. In graph mode 0.6.3's launch
+    parameters (plan_info: split-kv, padded grid, workspace offsets) depend only on the batch size, never on
+    KV lengths, so one capture serves every later plan. plan() must run outside the graph, before each
+    replay. Same kernels as the eager decode wrappers: FA2, tensor cores from GQA group 4.
     """
 
     name = "flashinfer-decode-graph"
@@ -285,6 +363,7 @@ class FlashInferDecodeGraph(AttentionBackend):
             parent.dtype,
             parent.device,
             parent.sm_scale,
+            list(parent._wrappers),
         )
         import flashinfer
 
@@ -293,10 +372,13 @@ class FlashInferDecodeGraph(AttentionBackend):
         self.kv_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
         self.kv_last_page_len = torch.ones(batch_size, dtype=torch.int32, device=dev)
-        kwargs = graph_decode_wrapper_kwargs(
-            workspace, parent.decode_tensor_cores, self.kv_indptr, self.kv_indices, self.kv_last_page_len
-        )
-        self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(**kwargs)
+        self._wrappers: dict[AttentionParams, Any] = {}
+        for p in self.layer_params:
+            tc = decode_uses_tensor_cores(p.num_qo_heads, p.num_kv_heads)
+            kwargs = graph_decode_wrapper_kwargs(
+                workspace, tc, self.kv_indptr, self.kv_indices, self.kv_last_page_len
+            )
+            self._wrappers[p] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(**kwargs)
 
     def plan(self, meta: AttentionMetadata) -> None:
         """meta: a decode batch of exactly batch_size requests; its kv_page_indices may be any device
@@ -310,10 +392,18 @@ class FlashInferDecodeGraph(AttentionBackend):
             raise ValueError(
                 f"{meta.kv_page_indices.numel()} KV pages exceed this graph's {self.kv_indices.numel()}"
             )
-        args, kwargs = decode_plan_args(self, meta)
-        self._wrapper.plan(*args, **kwargs)
+        for p, wrapper in self._wrappers.items():
+            args, kwargs = decode_plan_args(self, meta, p)
+            wrapper.plan(*args, **kwargs)
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer_idx: int,
+        params: AttentionParams | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q: [B, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] -> [B, Hq, D] in q's dtype."""
-        out = self._wrapper.run(q.to(self.dtype).contiguous(), kv_cache)
+        out = self._wrappers[params or self.default_params].run(q.to(self.dtype).contiguous(), kv_cache)
         return out.to(q.dtype)

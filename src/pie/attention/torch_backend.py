@@ -9,6 +9,11 @@ to the longest KV length (padding masked out), so a decode batch is one SDPA cal
 multi-token request is its own group (no padding waste when one long prefill shares a batch with many
 decodes). Invariant: a group's query rows are never padded. Written by hand because no maintained
 library offers paged attention without CUDA; SDPA does the math.
+
+Per-layer params: a sliding window ANDs a band (slot > q_slot - window_left - 1) into the group's mask,
+built once per (group, window) per batch and shared by every layer with that window. A logit soft-cap or
+attention sinks take the explicit path (matmul, cap * tanh(s / cap), mask, fp32 softmax with the sink
+column, matmul), which is transformers' eager attention step for step; everything else runs SDPA.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pie.attention.base import AttentionBackend, AttentionMetadata
+from pie.attention.base import AttentionBackend, AttentionMetadata, AttentionParams
 
 
 @dataclass
@@ -29,6 +34,23 @@ class _Group:
     offsets: torch.Tensor  # [G, S] int64 offset in that page
     mask: torch.Tensor | None  # [G, 1, n, S] bool (True = attend); None = plain causal (n == S)
     num_rows: int  # G * n
+    q_slots: torch.Tensor  # [G, 1, n, 1] int64 KV slot of each query row (for windows)
+    windowed: dict[int, torch.Tensor]  # window_left -> [G, 1, n, S] mask with the band applied
+
+    def mask_for(self, window_left: int) -> torch.Tensor | None:
+        """The group's mask for a layer with this window (None: plain causal, SDPA's fast path)."""
+        if window_left < 0:
+            return self.mask
+        m = self.windowed.get(window_left)
+        if m is None:
+            S = self.pages.shape[1]
+            slot = torch.arange(S, device=self.pages.device).view(1, 1, 1, S)
+            base = self.mask
+            if base is None:  # fresh prefill: causal over slots 0..n-1
+                base = slot <= self.q_slots
+            m = base & (slot >= self.q_slots - window_left)
+            self.windowed[window_left] = m
+        return m
 
 
 class TorchBackend(AttentionBackend):
@@ -88,31 +110,76 @@ class TorchBackend(AttentionBackend):
             mask = torch.from_numpy((slot[:, None, :] <= q_slot[:, :, None]) & valid[:, None, :]).to(dev)
         if mask is not None:
             mask = mask.unsqueeze(1)  # [G, 1, n, S], broadcast over heads
+        q_slots = lens[:, None] - n + np.arange(n)[None, :]  # [G, n]
         return _Group(
             rows=rows,
             pages=torch.from_numpy(pages).to(dev),
             offsets=torch.from_numpy(offsets).to(dev),
             mask=mask,
             num_rows=len(reqs) * n,
+            q_slots=torch.from_numpy(q_slots).to(dev).view(len(reqs), 1, n, 1),
+            windowed={},
         )
 
-    def run(self, q: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def run(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        layer_idx: int,
+        params: AttentionParams | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q: [T, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] -> [T, Hq, D]."""
+        p = params or self.default_params
+        if p.has_sinks and sinks is None:
+            raise ValueError(f"layer {layer_idx} has attention sinks but run() got no sink tensor")
+        Hq, D = p.num_qo_heads, p.head_dim
         out = torch.empty_like(q)
         for g in self._groups:
             G = g.pages.shape[0]
             n = g.num_rows // G
-            qg = q[g.rows].view(G, n, self.num_qo_heads, self.head_dim).transpose(1, 2)  # [G, Hq, n, D]
+            qg = q[g.rows].view(G, n, Hq, D).transpose(1, 2)  # [G, Hq, n, D]
             k = kv_cache[g.pages, 0, g.offsets].transpose(1, 2).to(q.dtype)  # [G, Hkv, S, D]
             v = kv_cache[g.pages, 1, g.offsets].transpose(1, 2).to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                qg,
-                k,
-                v,
-                attn_mask=g.mask,
-                is_causal=g.mask is None and n > 1,
-                scale=self.sm_scale,
-                enable_gqa=self.num_qo_heads != self.num_kv_heads,
-            )  # [G, Hq, n, D]
-            out[g.rows] = o.transpose(1, 2).reshape(g.num_rows, self.num_qo_heads, self.head_dim)
+            mask = g.mask_for(p.window_left)
+            if p.logits_soft_cap > 0 or p.has_sinks:
+                o = _explicit_attention(qg, k, v, mask, p, sinks)
+            else:
+                o = F.scaled_dot_product_attention(
+                    qg,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None and n > 1,
+                    scale=p.sm_scale,
+                    enable_gqa=Hq != p.num_kv_heads,
+                )  # [G, Hq, n, D]
+            out[g.rows] = o.transpose(1, 2).reshape(g.num_rows, Hq, D)
         return out
+
+
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    p: AttentionParams,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """transformers' eager attention: q [G, Hq, n, D], k/v [G, Hkv, S, D], mask [G, 1, n, S] or None
+    (causal, n == S) -> [G, Hq, n, D]."""
+    group = p.num_qo_heads // p.num_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(2, 3)) * p.sm_scale  # [G, Hq, n, S]
+    if p.logits_soft_cap > 0:
+        s = torch.tanh(s / p.logits_soft_cap) * p.logits_soft_cap
+    if mask is None:
+        n, S = s.shape[-2:]
+        mask = torch.ones(n, S, dtype=torch.bool, device=s.device).tril(S - n)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # one extra logit per head that takes probability mass but has no value
+        sink = sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(s, dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(q.dtype), v)

@@ -392,23 +392,33 @@ def _on_device(device: torch.device):
 def flashinfer_graph_runner(executor) -> DecodeGraphRunner | None:
     """The runner for a ModelExecutor whose KV cache has a scratch page at index executor.num_pages;
     None (logged) when its attention backend is not FlashInfer (graphs need its graph-mode wrappers)."""
-    from pie.attention.flashinfer_backend import FlashInferBackend, graph_workspace_bytes
+    from pie.attention.flashinfer_backend import (
+        FlashInferBackend,
+        decode_uses_tensor_cores,
+        graph_workspace_bytes,
+    )
 
     backend, spec, cfg, dev = executor.backend, executor.spec, executor.model_config, executor.device
     if not isinstance(backend, FlashInferBackend):
         log.info("CUDA graphs off: they need the FlashInfer attention backend, not %r", backend.name)
         return None
+    if backend.has_fallback:
+        log.info("CUDA graphs off: some layers run on the torch attention fallback (see flashinfer_backend)")
+        return None
     buckets = decode_buckets(spec.max_batch_size)
     props = torch.cuda.get_device_properties(dev)
-    # sized for the largest bucket, so every bucket's wrapper can share one workspace
-    workspace = graph_workspace_bytes(
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        buckets[-1],
-        backend.decode_tensor_cores,
-        props.multi_processor_count,
-        sm80_or_newer=props.major >= 8,
+    # sized for the largest bucket and the hungriest attention kind, so every wrapper can share one workspace
+    workspace = max(
+        graph_workspace_bytes(
+            p.num_qo_heads,
+            p.num_kv_heads,
+            p.head_dim,
+            buckets[-1],
+            decode_uses_tensor_cores(p.num_qo_heads, p.num_kv_heads),
+            props.multi_processor_count,
+            sm80_or_newer=props.major >= 8,
+        )
+        for p in backend.layer_params
     )
     runner = DecodeGraphRunner(
         executor.model,

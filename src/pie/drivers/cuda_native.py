@@ -60,8 +60,9 @@ def flashinfer_unusable_reason(spec: ExecutorSpec) -> str | None:
             "FlashInfer is not installed or fails to import (pip install flashinfer-python==0.6.3 "
             "apache-tvm-ffi==0.1.15.post2 einops)"
         )
-    from pie.attention.flashinfer_backend import unsupported_reason
+    from pie.attention.flashinfer_backend import params_unsupported_reason
     from pie.drivers.executor import resolve_dtypes
+    from pie.layers.attention import attention_params
     from pie.models.config import read_model_config
 
     try:
@@ -69,7 +70,9 @@ def flashinfer_unusable_reason(spec: ExecutorSpec) -> str | None:
         cfg = read_model_config(spec.model_path)
     except PieError:
         return None
-    return unsupported_reason(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, act)
+    # usable when it runs at least one layer kind; the others fall back per layer (flashinfer_backend)
+    reasons = [params_unsupported_reason(attention_params(layer), act) for layer in cfg.layers]
+    return None if any(r is None for r in reasons) else reasons[0]
 
 
 def resolve_attention_backend(spec: ExecutorSpec) -> str:

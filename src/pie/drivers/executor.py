@@ -2,7 +2,8 @@
 
 Build: config.json -> ModelConfig -> model class (registry) built on the meta device, materialized on
 the target device, then filled from safetensors (or randomly, for benchmarks); KV pages planned
-(kv_plan) and allocated as one tensor [L, num_pages, 2, page_size, Hkv, D]; attention backend by name.
+(kv_plan) and allocated per layer group of equal KV shape, [L_g, num_pages, 2, page_size, Hkv, D] each,
+exposed as one per-layer view list `kv_caches`; attention backend by name, told every layer's params.
 
 Execute: validate -> AttentionMetadata -> backend.plan -> model.forward over all T tokens ->
 logits of the O output rows (fp32) -> sampling -> one host copy at the end. With spec.cuda_graphs on CUDA
@@ -24,7 +25,7 @@ import torch
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
 from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
-from pie.drivers.kv_plan import free_memory_bytes, page_bytes, plan_num_pages
+from pie.drivers.kv_plan import free_memory_bytes, kv_layer_groups, page_bytes, plan_num_pages
 from pie.drivers.page_mover import PageMover
 from pie.drivers.protocol import (
     PROTOCOL_VERSION,
@@ -38,7 +39,7 @@ from pie.drivers.protocol import (
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
-from pie.layers.attention import ForwardContext
+from pie.layers.attention import ForwardContext, attention_params
 from pie.layers.norm import RMSNorm
 from pie.models.config import read_model_config
 from pie.models.registry import get_model_class
@@ -100,10 +101,10 @@ def resolve_device(name: str) -> torch.device:
 def init_random_(model: torch.nn.Module, seed: int) -> None:
     """Benchmark weights: normal(0, 0.02) matrices, zero biases, unit norm scales; seeded, on-device."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    norms = {id(m.weight): m.init_value for m in model.modules() if isinstance(m, RMSNorm)}
     for name, p in model.named_parameters():
         if id(p) in norms:
-            p.data.fill_(1.0)
+            p.data.fill_(norms[id(p)])
         elif name.endswith(".bias"):
             p.data.zero_()
         else:
@@ -146,26 +147,36 @@ class ModelExecutor:
         # after the num_pages reported in Capabilities (check_batch rejects it).
         scratch_pages = 1 if spec.cuda_graphs and self.device.type == "cuda" else 0
         pages = self.num_pages + scratch_pages
-        shape = (cfg.num_layers, pages, 2, spec.page_size, cfg.num_kv_heads, cfg.head_dim)
+        # One allocation per layer group of equal KV shape; kv_caches[l] is layer l's view into its group.
+        self.kv_cache_groups: list[torch.Tensor] = []
+        self.kv_caches: list[torch.Tensor] = [None] * cfg.num_layers  # type: ignore[list-item]
         try:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg):
+                shape = (len(layer_ids), pages, 2, spec.page_size, kv_heads, head_dim)
+                group = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.kv_cache_groups.append(group)
+                for layer, view in zip(layer_ids, group.unbind(0), strict=True):
+                    self.kv_caches[layer] = view  # [num_pages, 2, ps, Hkv_l, D_l]
         except torch.OutOfMemoryError:
             raise DriverError(
                 f"out of memory allocating {self.num_pages} KV pages ({self.num_pages * pbytes / 2**30:.2f} GiB); "
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
-        self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views [num_pages, 2, ps, Hkv, D]
         self.page_mover = PageMover(self.kv_caches, spec.swap_slots, self.device)
         weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
         self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, self.kv_caches)
+        self.layer_params = [attention_params(layer) for layer in cfg.layers]
+        first = self.layer_params[0]
         self.backend = create_backend(
             spec.attention_backend,
-            num_qo_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
+            num_qo_heads=first.num_qo_heads,
+            num_kv_heads=first.num_kv_heads,
+            head_dim=first.head_dim,
             page_size=spec.page_size,
             dtype=self.dtype,
             device=self.device,
+            sm_scale=first.sm_scale,
+            layer_params=self.layer_params,
         )
         self._prev_tokens: torch.Tensor | None = None  # sampled tokens of the last batch, on the device
         self.graphs = None  # DecodeGraphRunner when CUDA graphs are on
@@ -181,6 +192,13 @@ class ModelExecutor:
             spec.page_size,
             self.backend.name,
         )
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The whole cache [L, pages, 2, ps, Hkv, D] when every layer has one KV shape (one group)."""
+        if len(self.kv_cache_groups) != 1:
+            raise AttributeError("layers differ in KV shape; use kv_caches (per layer) or kv_cache_groups")
+        return self.kv_cache_groups[0]
 
     @property
     def capabilities(self) -> Capabilities:
@@ -205,7 +223,7 @@ class ModelExecutor:
                 "max_position_embeddings": cfg.max_position_embeddings,
                 "eos_token_ids": list(cfg.eos_token_ids),
                 "weights_bytes": self.weights_bytes,
-                "kv_cache_bytes": self.kv_cache.numel() * self.kv_cache.element_size(),
+                "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),
                 "cuda_graphs": self.graphs is not None,
             },
         )

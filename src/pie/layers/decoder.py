@@ -1,7 +1,11 @@
-"""The decoder stack shared by all families: pre-norm blocks of (GQA attention, SwiGLU MLP).
+"""Decoder stacks shared by the families, built from per-layer specs (ModelConfig.layers).
 
-Families differ only by flags (has_qkv_bias, has_o_bias, has_qk_norm) carried by ModelConfig, so each
-family file is a thin subclass of CausalLM. Module names mirror HF checkpoints
+Block shapes (each a DecoderLayer subclass; a family picks one and its flags):
+  * PreNormLayer   x -> x + attn(norm(x)) -> x + mlp(norm(x))             Llama, Mistral, Qwen (fused add+norm)
+  * SandwichLayer  x -> x + post(attn(pre(x))) -> x + post(mlp(pre(x)))   Gemma 2/3 (four norms per layer)
+  * PostNormLayer  x -> x + norm(attn(x)) -> x + norm(mlp(x))             OLMo 2/3
+Layers return (x, residual): pre-norm layers keep the residual stream separate so the next norm fuses the
+add; the others return residual None (x is the whole stream). Module names mirror HF checkpoints
 (model.layers.N.self_attn.*, model.norm, lm_head), except the fused projections listed in
 `packed_modules_mapping`.
 """
@@ -13,32 +17,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from pie.layers.attention import Attention, ForwardContext
-from pie.layers.embedding import LMHead, VocabEmbedding
+from pie.layers.embedding import LMHead, ScaledVocabEmbedding, VocabEmbedding
 from pie.layers.mlp import GatedMLP
 from pie.layers.norm import RMSNorm
-from pie.layers.rotary import RotaryEmbedding
+from pie.layers.rotary import RotaryCache
 from pie.models.config import ModelConfig
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    """Attention + gated MLP of one layer; subclasses add the norms and the residual wiring."""
+
+    norm_cls: type[RMSNorm] = RMSNorm
+    qk_norm: str = "none"
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
         super().__init__()
-        c = config
+        c, spec = config, config.layers[layer_idx]
         self.self_attn = Attention(
             layer_idx,
             c.hidden_size,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            rotary,
+            spec,
+            rotary.get(spec.head_dim, spec.rope),
             has_qkv_bias=c.has_qkv_bias,
             has_o_bias=c.has_o_bias,
-            has_qk_norm=c.has_qk_norm,
+            qk_norm=self.qk_norm if c.has_qk_norm else "none",
+            norm_cls=self.norm_cls,
             rms_norm_eps=c.rms_norm_eps,
         )
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
+
+    def norm(self, config: ModelConfig) -> RMSNorm:
+        return self.norm_cls(config.hidden_size, config.rms_norm_eps)
+
+
+class PreNormLayer(DecoderLayer):
+    qk_norm = "head"
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
+        super().__init__(config, layer_idx, rotary)
+        self.input_layernorm = self.norm(config)
+        self.post_attention_layernorm = self.norm(config)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
@@ -53,25 +71,70 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class SandwichLayer(DecoderLayer):
+    qk_norm = "head"
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
+        super().__init__(config, layer_idx, rotary)
+        self.input_layernorm = self.norm(config)
+        self.post_attention_layernorm = self.norm(config)
+        self.pre_feedforward_layernorm = self.norm(config)
+        self.post_feedforward_layernorm = self.norm(config)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, None]:
+        x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), ctx))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x, None
+
+
+class PostNormLayer(DecoderLayer):
+    qk_norm = "proj"
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
+        super().__init__(config, layer_idx, rotary)
+        self.post_attention_layernorm = self.norm(config)
+        self.post_feedforward_layernorm = self.norm(config)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, None]:
+        x = x + self.post_attention_layernorm(self.self_attn(positions, x, ctx))
+        x = x + self.post_feedforward_layernorm(self.mlp(x))
+        return x, None
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_cls: type[DecoderLayer], embed_scale: float | None = None
+    ) -> None:
         super().__init__()
         c = config
-        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
-        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = RotaryCache(c.max_position_embeddings)
+        self.embed_tokens = (
+            VocabEmbedding(c.vocab_size, c.hidden_size)
+            if embed_scale is None
+            else ScaledVocabEmbedding(c.vocab_size, c.hidden_size, embed_scale)
+        )
+        self.layers = nn.ModuleList(layer_cls(c, i, self.rotary) for i in range(c.num_layers))
+        self.norm = layer_cls.norm_cls(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
+        if residual is None:
+            return self.norm(x)
         x, _ = self.norm(x, residual)
         return x
 
 
 class CausalLM(nn.Module):
-    """Base of every <Family>ForCausalLM: `forward` -> hidden states, `compute_logits` -> fp32 logits."""
+    """Base of every <Family>ForCausalLM: `forward` -> hidden states, `compute_logits` -> fp32 logits.
+
+    A family sets `layer_cls` (block shape), `embed_scale` (a callable of the config, or None) and
+    `config_from_hf` (its HF config normalization); wrappers of a text tower set `checkpoint_prefixes`."""
 
     # checkpoint tensor name part -> (fused module name part, shard id); applied by models/weights.py
     packed_modules_mapping: dict[str, tuple[str, str | int]] = {
@@ -81,11 +144,21 @@ class CausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # checkpoint name prefix -> module name prefix (multimodal wrappers: "model.language_model." -> "model.")
+    checkpoint_prefixes: dict[str, str] = {}
+    layer_cls: type[DecoderLayer] = PreNormLayer
+
+    @staticmethod
+    def config_from_hf(d: dict) -> ModelConfig:
+        raise NotImplementedError
+
+    def embed_scale(self, config: ModelConfig) -> float | None:
+        return None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.model = DecoderModel(config, self.layer_cls, self.embed_scale(config))
         # Tied: the head reads the embedding matrix directly (no second parameter to keep in sync).
         self.lm_head = None if config.tie_word_embeddings else LMHead(config.hidden_size, config.vocab_size)
 
@@ -94,7 +167,12 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [O, H] -> [O, V] float32."""
+        """hidden: [O, H] -> [O, V] float32 (final soft-cap applied where the family has one)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

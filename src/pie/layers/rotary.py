@@ -1,7 +1,9 @@
-"""Rotary position embedding (NeoX/HF "rotate_half" layout) with optional llama3 frequency scaling.
+"""Rotary position embedding (NeoX/HF "rotate_half" layout), per layer: default, linear, llama3 and yarn
+frequencies (transformers' modeling_rope_utils semantics), plus Mistral 3's llama_4 query scaling.
 
-cos/sin are precomputed once in fp32 for every position < max_position and gathered by the token
-positions each forward; the inferlet chooses positions freely, so they are not tied to KV slots.
+cos/sin are precomputed once in fp32 for every position < max_position (times yarn's attention factor, as
+transformers multiplies them) and gathered by the token positions each forward; the inferlet chooses
+positions freely, so they are not tied to KV slots. Layers with equal (head_dim, RopeSpec) share one table.
 """
 
 from __future__ import annotations
@@ -11,44 +13,102 @@ import math
 import torch
 
 from pie import kernels
-from pie.models.config import RopeScaling
+from pie.models.config import RopeSpec
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """[head_dim // 2] fp32 inverse frequencies on the CPU, computed exactly as transformers does."""
+def _base_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    if scaling is None:
-        return inv_freq
-    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
-    old_ctx = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_ctx / scaling.low_freq_factor
-    high_freq_wavelen = old_ctx / scaling.high_freq_factor
+    return 1.0 / (theta**exponent)
+
+
+def _llama3(inv_freq: torch.Tensor, s: RopeSpec) -> torch.Tensor:
+    # keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    old_ctx = s.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / s.low_freq_factor
+    high_freq_wavelen = old_ctx / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn(head_dim: int, s: RopeSpec) -> tuple[torch.Tensor, float]:
+    """transformers' _compute_yarn_parameters, step for step (fp32, same op order)."""
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = s.factor
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = float(mscale(factor, s.mscale) / mscale(factor, s.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        orig = s.original_max_position_embeddings
+        return (head_dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(s.theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = torch.clamp(
+        (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1
+    )
+    pos_freqs = s.theta ** (torch.arange(0, head_dim, 2, device="cpu").to(dtype=torch.float) / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extra_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extra_factor) + extrapolation * extra_factor
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(head_dim: int, spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    """([head_dim // 2] fp32 inverse frequencies on the CPU, cos/sin scale), exactly as transformers."""
+    if spec.rope_type == "yarn":
+        return _yarn(head_dim, spec)
+    inv_freq = _base_inv_freq(head_dim, spec.theta)
+    if spec.rope_type == "default":
+        return inv_freq, 1.0
+    if spec.rope_type == "linear":
+        return inv_freq / spec.factor, 1.0
+    if spec.rope_type == "llama3":
+        return _llama3(inv_freq, spec), 1.0
+    raise ValueError(f"rope type {spec.rope_type!r} is not implemented")  # ModelConfig rejects it first
+
+
+def llama4_query_scale(positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor | None:
+    """[T] fp32 query scale 1 + beta * log(1 + floor(pos / original_max)) (Mistral 3), or None."""
+    if spec.llama_4_scaling_beta is None:
+        return None
+    floor = torch.floor(positions.float() / spec.original_max_position_embeddings)
+    return 1 + spec.llama_4_scaling_beta * torch.log(1 + floor)
 
 
 class RotaryEmbedding:
     """Not an nn.Module on purpose: the cache is derived data, built lazily on the device of first use,
     so meta-device model construction and dtype casts of the model never touch it."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None) -> None:
+    def __init__(self, head_dim: int, max_position: int, spec: RopeSpec) -> None:
         self.head_dim = head_dim
         self.max_position = max_position
-        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self.spec = spec
+        self.inv_freq, self.attention_scaling = rope_inv_freq(head_dim, spec)
         self._cos_sin: torch.Tensor | None = None  # [max_position, head_dim] fp32: cos half | sin half
 
     def cos_sin(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin is None or self._cos_sin.device != device:
             pos = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
             freqs = torch.outer(pos, self.inv_freq)  # [max_position, head_dim // 2]
-            self._cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+            cs = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+            if self.attention_scaling != 1.0:  # yarn: transformers scales cos and sin in fp32
+                cs = cs * self.attention_scaling
+            self._cos_sin = cs.to(device)
         return self._cos_sin
 
     def __call__(
@@ -62,8 +122,22 @@ class RotaryEmbedding:
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+class RotaryCache:
+    """One RotaryEmbedding per distinct (head_dim, RopeSpec) of a model's layers."""
+
+    def __init__(self, max_position: int) -> None:
+        self.max_position = max_position
+        self._by_key: dict[tuple[int, RopeSpec], RotaryEmbedding] = {}
+
+    def get(self, head_dim: int, spec: RopeSpec) -> RotaryEmbedding:
+        key = (head_dim, spec)
+        if key not in self._by_key:
+            self._by_key[key] = RotaryEmbedding(head_dim, self.max_position, spec)
+        return self._by_key[key]
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), with cos/sin cast to x's dtype first.
+    # HF: x * cat(cos, cos) + rotate_half(x) * sin, with cos/sin cast to x's dtype first.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,8 +1,12 @@
 """ModelConfig: an HF config.json normalized once, so model code reads plain fields.
 
-Every HF quirk (missing head_dim, missing kv heads, `rope_theta` vs transformers-5 `rope_parameters`,
-`rope_scaling` vs `rope_parameters`, `dtype` vs `torch_dtype`, per-family bias conventions) is absorbed
-here; model code never calls getattr(config, ..., default).
+The common fields (sizes, vocab, eps, ids) are parsed here; what varies by family is parsed by the family's
+own file (pie.models.<family>.config_from_hf), which calls the helpers below. What varies per layer (attention
+kind, window, head dims, KV heads, rope, soft-cap, scale, sinks) lives in `ModelConfig.layers`, one LayerSpec
+per layer, so model code never calls getattr(config, ..., default).
+
+Both config layouts hub checkpoints carry are accepted: transformers-5 `rope_parameters` (flat, or nested by
+layer type) / `layer_types`, and the older `rope_theta` / `rope_scaling` / `sliding_window_pattern` keys.
 """
 
 from __future__ import annotations
@@ -13,39 +17,75 @@ from pathlib import Path
 
 from pie.errors import ModelError
 
-# Rope types we implement; anything else (yarn, dynamic, longrope, ...) is rejected rather than silently
-# computed wrong.
-_ROPE_TYPES = ("default", "llama3")
+# Rope types we implement (pie.layers.rotary); anything else (dynamic, longrope, ...) is rejected by name
+# rather than silently computed wrong.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ATTENTION_KINDS = ("full", "sliding")
+# HF layer_types spellings -> pie attention kinds
+_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 
 
 @dataclass(frozen=True)
-class RopeScaling:
-    """llama3-style frequency scaling (Llama 3.1/3.2): long wavelengths divided by `factor`."""
+class RopeSpec:
+    """One layer's rotary parameters, as transformers' modeling_rope_utils reads them.
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    default: inv_freq = theta^(-2i/D). linear: inv_freq / factor. llama3: long wavelengths divided by
+    `factor`, smooth band between low/high_freq_factor. yarn: NTK-by-parts blend of interpolated and
+    extrapolated frequencies (beta_fast/beta_slow, `truncate`), cos/sin scaled by the attention factor
+    (explicit, or from mscale / mscale_all_dim). llama_4_scaling_beta (Mistral 3): queries are scaled by
+    1 + beta * log(1 + floor(pos / original_max_position_embeddings)) after RoPE.
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    llama_4_scaling_beta: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer's attention, normalized."""
+
+    attention: str  # "full" | "sliding"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeSpec
+    sm_scale: float  # softmax scale of q.k (head_dim**-0.5, or Gemma's query_pre_attn_scalar**-0.5)
+    sliding_window: int | None = None  # tokens a query sees, itself included (HF: q - kv < window)
+    logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    has_sinks: bool = False  # a learned per-head sink logit joins the softmax (GPT-OSS; hook for later)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str
+    model_type: str  # as config.json names it (a multimodal wrapper keeps its own name)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_layers: int
-    num_heads: int
+    num_heads: int  # of layer 0; per-layer values are in `layers`
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
+    rope: RopeSpec  # of layer 0 (full-attention layers where kinds differ)
     tie_word_embeddings: bool
     max_position_embeddings: int
     has_qkv_bias: bool  # bias on q/k/v projections
     has_o_bias: bool  # bias on the output projection (llama/qwen3 `attention_bias`; never in qwen2)
-    has_qk_norm: bool  # per-head RMSNorm on q and k before RoPE (qwen3)
+    has_qk_norm: bool  # RMSNorm on q and k before RoPE (per head: qwen3, gemma3; whole projection: olmo3)
+    layers: tuple[LayerSpec, ...] = ()
+    hidden_act: str = "silu"  # "silu" or "gelu_tanh" (of the gated MLP)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # checkpoint dtype as named in config.json, e.g. "bfloat16"
@@ -53,110 +93,214 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
-        """Normalize an HF config.json dict; raise ModelError for missing fields or unsupported features."""
-        model_type = d.get("model_type")
+        """Normalize an HF config.json dict through its family; ModelError for unsupported input."""
+        model_type = d.get("model_type") if isinstance(d, dict) else None
         if not isinstance(model_type, str) or not model_type:
             raise ModelError("config.json has no model_type; is this a Hugging Face causal LM checkpoint?")
         from pie.models.registry import get_model_class
 
-        get_model_class(model_type)  # an unsupported type fails here, listing the supported ones
-        if "text_config" in d and "hidden_size" not in d:
-            raise ModelError(
-                f"model_type {model_type!r} is multimodal (text_config); only text LMs are supported"
-            )
+        return get_model_class(model_type).config_from_hf(d)
 
-        def req(key: str):
-            if key not in d or d[key] is None:
-                raise ModelError(f"config.json ({model_type}) lacks required field {key!r}")
-            return d[key]
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        return tuple(k for k in ATTENTION_KINDS if any(layer.attention == k for layer in self.layers))
 
-        hidden = int(req("hidden_size"))
-        num_heads = int(req("num_attention_heads"))
-        num_kv_heads = int(d.get("num_key_value_heads") or num_heads)
-        head_dim = int(d.get("head_dim") or hidden // num_heads)
-        if num_heads % num_kv_heads:
-            raise ModelError(
-                f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
-            )
-        act = d.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ModelError(f"hidden_act {act!r} is not supported (only silu)")
-        if d.get("mlp_bias"):
-            raise ModelError("mlp_bias=True is not supported")
-        max_pos = int(req("max_position_embeddings"))
-        _check_sliding_window(d, model_type, max_pos)
-        theta, scaling = _parse_rope(d)
 
-        attention_bias = bool(d.get("attention_bias", False))
-        if model_type == "qwen2":
-            # Qwen2 hard-codes bias on q/k/v (none on o_proj); config.json carries no flag for it.
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = attention_bias
+# ---- helpers the family files build their configs from ---------------------------------------------------
 
-        eos = d.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
-        bos = d.get("bos_token_id")
-        return cls(
-            model_type=model_type,
-            vocab_size=int(req("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(req("intermediate_size")),
-            num_layers=int(req("num_hidden_layers")),
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=max_pos,
-            has_qkv_bias=qkv_bias,
-            has_o_bias=o_bias,
-            has_qk_norm=model_type == "qwen3",
-            eos_token_ids=eos_ids,
-            bos_token_id=None if bos is None else int(bos),
-            torch_dtype=d.get("dtype") or d.get("torch_dtype"),
-            raw=dict(d),
+
+def req(d: dict, key: str, model_type: str):
+    if key not in d or d[key] is None:
+        raise ModelError(f"config.json ({model_type}) lacks required field {key!r}")
+    return d[key]
+
+
+def text_config(d: dict, text_types: tuple[str, ...]) -> dict:
+    """The text tower's config of a multimodal wrapper (`text_config`), checked to be one of text_types.
+
+    Token ids may sit at the wrapper's top level; the text config inherits them where it lacks them. The
+    wrapper's `tie_word_embeddings`, when present, wins (transformers 5 ties by the wrapper's config)."""
+    model_type = d["model_type"]
+    tc = d.get("text_config")
+    if not isinstance(tc, dict):
+        raise ModelError(f"{model_type} config.json has no text_config object; cannot find its text tower")
+    tc = dict(tc)
+    tc.setdefault("model_type", text_types[0])
+    if tc["model_type"] not in text_types:
+        raise ModelError(
+            f"{model_type} text_config has model_type {tc['model_type']!r}; supported: {', '.join(text_types)}"
         )
+    for key in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype"):
+        if key in d and key not in tc:
+            tc[key] = d[key]
+    if "tie_word_embeddings" in d:
+        tc["tie_word_embeddings"] = d["tie_word_embeddings"]
+    return tc
 
 
-def _parse_rope(d: dict) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from transformers-4 (`rope_theta` + `rope_scaling`) or -5 (`rope_parameters`)."""
+def common_fields(d: dict, model_type: str, *, acts: dict[str, str] | None = None) -> dict:
+    """ModelConfig keyword arguments every family shares (everything but layers, rope, flags).
+
+    acts: accepted HF activation names -> pie's name (default: silu only). The activation key is
+    `hidden_activation` (Gemma) or `hidden_act`."""
+    acts = acts or {"silu": "silu", "swish": "silu"}
+    hidden = int(req(d, "hidden_size", model_type))
+    num_heads = int(req(d, "num_attention_heads", model_type))
+    num_kv_heads = int(d.get("num_key_value_heads") or num_heads)
+    head_dim = int(d.get("head_dim") or hidden // num_heads)
+    if num_heads % num_kv_heads:
+        raise ModelError(
+            f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+        )
+    act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
+    if act not in acts:
+        raise ModelError(f"{model_type}: hidden_act {act!r} is not supported (supported: {', '.join(acts)})")
+    if d.get("mlp_bias"):
+        raise ModelError("mlp_bias=True is not supported")
+    eos = d.get("eos_token_id")
+    eos_ids = () if eos is None else tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
+    bos = d.get("bos_token_id")
+    return dict(
+        model_type=model_type,
+        vocab_size=int(req(d, "vocab_size", model_type)),
+        hidden_size=hidden,
+        intermediate_size=int(req(d, "intermediate_size", model_type)),
+        num_layers=int(req(d, "num_hidden_layers", model_type)),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(req(d, "max_position_embeddings", model_type)),
+        hidden_act=acts[act],
+        eos_token_ids=eos_ids,
+        bos_token_id=None if bos is None else int(bos),
+        torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+        raw=dict(d),
+    )
+
+
+def parse_rope(p: dict, max_position: int, where: str) -> RopeSpec:
+    """A RopeSpec from one flat rope dict (transformers' standardized `rope_parameters` entry): rope_type
+    (or `type`), rope_theta and the type's parameters. `where` names the dict in error messages."""
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ModelError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
+    theta = float(p.get("rope_theta", 10000.0))
+    orig = int(p.get("original_max_position_embeddings") or max_position)
+    beta = p.get("llama_4_scaling_beta")
+    common = dict(theta=theta, rope_type=rope_type, original_max_position_embeddings=orig)
+    common["llama_4_scaling_beta"] = None if beta is None else float(beta)
+    try:
+        if rope_type == "default":
+            return RopeSpec(**common)
+        if rope_type == "linear":
+            return RopeSpec(**common, factor=float(p["factor"]))
+        if rope_type == "llama3":
+            return RopeSpec(
+                **common,
+                factor=float(p["factor"]),
+                low_freq_factor=float(p["low_freq_factor"]),
+                high_freq_factor=float(p["high_freq_factor"]),
+            )
+    except KeyError as e:
+        raise ModelError(f"{where}: {rope_type} rope scaling lacks {e.args[0]!r}") from None
+    # yarn (transformers' _compute_yarn_parameters): factor defaults to max_position / original
+    factor = p.get("factor")
+    factor = float(factor) if factor is not None else max_position / orig
+    opt = {
+        k: (None if p.get(k) is None else float(p[k]))
+        for k in ("mscale", "mscale_all_dim", "attention_factor")
+    }
+    return RopeSpec(
+        **common,
+        factor=factor,
+        beta_fast=float(p.get("beta_fast") or 32.0),
+        beta_slow=float(p.get("beta_slow") or 1.0),
+        truncate=bool(p.get("truncate", True)),
+        **opt,
+    )
+
+
+def rope_dicts(d: dict, default_theta: float = 10000.0) -> dict[str, dict]:
+    """{"": flat} or {"full": ..., "sliding": ...}: the rope dict(s) of a config in either layout.
+
+    transformers 5 writes `rope_parameters` (flat, or nested by layer type); older configs carry
+    `rope_theta` + `rope_scaling` (+ a top-level `original_max_position_embeddings` that overrides the
+    dict's, as transformers' standardize_rope_params does). Families with per-kind rope (Gemma 3, OLMo 3)
+    translate their older keys themselves before calling parse_rope."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ModelError("rope_parameters / rope_scaling must be JSON objects")
+    nested = {k: v for k, v in params.items() if k in _LAYER_TYPES}
+    if nested:
+        out = {}
+        for key, p in nested.items():
+            p = dict(p or {})
+            p.setdefault("rope_theta", d.get("rope_theta", default_theta))
+            out[_LAYER_TYPES[key]] = p
+        return out
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", d.get("rope_theta", 10000.0)))
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if rope_type not in _ROPE_TYPES:
-        raise ModelError(f"rope type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
-    if rope_type == "default":
-        return theta, None
-    try:
-        return theta, RopeScaling(
-            factor=float(merged["factor"]),
-            low_freq_factor=float(merged["low_freq_factor"]),
-            high_freq_factor=float(merged["high_freq_factor"]),
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ModelError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
+    merged.setdefault("rope_theta", d.get("rope_theta", default_theta))
+    if d.get("original_max_position_embeddings") and merged.get("rope_type", merged.get("type")) in (
+        "llama3",
+        "yarn",
+    ):
+        merged["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    return {"": merged}
 
 
-def _check_sliding_window(d: dict, model_type: str, max_pos: int) -> None:
-    """Reject checkpoints whose attention is windowed: we only run full attention."""
-    window = d.get("sliding_window")
-    # Qwen2/Qwen3 carry a sliding_window value but only use it when use_sliding_window is true.
-    if "use_sliding_window" in d and not d["use_sliding_window"]:
-        return
-    if window is not None and int(window) < max_pos:
+def layer_kinds(d: dict, num_layers: int, default: list[str]) -> list[str]:
+    """Per-layer attention kinds from `layer_types` (current layout), else `default` (the family's rule
+    for older configs). Unknown layer types fail, naming them."""
+    types = d.get("layer_types")
+    if types is None:
+        return default
+    if not isinstance(types, list) or len(types) != num_layers:
+        raise ModelError(f"layer_types must be a list of {num_layers} entries (num_hidden_layers)")
+    bad = sorted({t for t in types if t not in _LAYER_TYPES})
+    if bad:
         raise ModelError(
-            f"{model_type} checkpoint uses sliding-window attention (sliding_window={window} < "
-            f"max_position_embeddings={max_pos}), which pie does not implement; use a full-attention "
-            "variant (e.g. Mistral v0.2+ has sliding_window null)"
+            f"layer_types {', '.join(map(repr, bad))} are not supported (supported: {', '.join(_LAYER_TYPES)})"
         )
+    return [_LAYER_TYPES[t] for t in types]
+
+
+def window_of(d: dict, model_type: str) -> int:
+    w = d.get("sliding_window")
+    if w is None or int(w) < 1:
+        raise ModelError(f"{model_type} has sliding-attention layers but no positive sliding_window")
+    return int(w)
+
+
+def build_layers(
+    common: dict,
+    kinds: list[str],
+    ropes: dict[str, RopeSpec],
+    *,
+    window: int | None = None,
+    sm_scale: float | None = None,
+    logit_softcap: float | None = None,
+) -> tuple[LayerSpec, ...]:
+    """LayerSpecs from common_fields() output: layer i has attention kinds[i], rope ropes[kinds[i]] (or
+    ropes[""] for all), the sliding `window` on sliding layers, and the same heads everywhere."""
+    heads, kv, hd = common["num_heads"], common["num_kv_heads"], common["head_dim"]
+    return tuple(
+        LayerSpec(
+            attention=kind,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=hd,
+            rope=ropes.get(kind) or ropes[""],
+            sm_scale=sm_scale if sm_scale is not None else hd**-0.5,
+            sliding_window=window if kind == "sliding" else None,
+            logit_softcap=logit_softcap,
+        )
+        for kind in kinds
+    )
 
 
 def read_model_config(model_path: str | Path) -> ModelConfig:

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from pie.layers.decoder import CausalLM
 from pie.models.config import ModelConfig
+from pie.models.llama import dense_config
+from pie.models.qwen2 import reject_qwen_sliding
+
+
+def qwen3_config(d: dict) -> ModelConfig:
+    reject_qwen_sliding(d)
+    return dense_config(d, has_qk_norm=True)
 
 
 class Qwen3ForCausalLM(CausalLM):
-    def __init__(self, config: ModelConfig) -> None:
-        assert config.has_qk_norm, "qwen3 needs per-head q/k norms"
-        super().__init__(config)
+    config_from_hf = staticmethod(qwen3_config)

@@ -7,13 +7,20 @@ import importlib
 
 from pie.errors import ModelError
 
-# model_type -> (module, class). Mistral is the Llama architecture (ModelConfig.from_hf rejects its
-# sliding-window variants).
+# model_type -> (module, class). Each class's config_from_hf normalizes its config.json. Mistral is the
+# Llama architecture (its sliding window, when set, applies to every layer).
 _MODELS: dict[str, tuple[str, str]] = {
     "llama": ("pie.models.llama", "LlamaForCausalLM"),
     "mistral": ("pie.models.llama", "LlamaForCausalLM"),
     "qwen2": ("pie.models.qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("pie.models.qwen3", "Qwen3ForCausalLM"),
+    "gemma2": ("pie.models.gemma2", "Gemma2ForCausalLM"),
+    "gemma3_text": ("pie.models.gemma3", "Gemma3ForCausalLM"),
+    "gemma3": ("pie.models.gemma3", "Gemma3ForConditionalGeneration"),
+    "olmo3": ("pie.models.olmo3", "Olmo3ForCausalLM"),
+    "ministral": ("pie.models.ministral", "MinistralForCausalLM"),
+    "ministral3": ("pie.models.mistral3", "Ministral3ForCausalLM"),
+    "mistral3": ("pie.models.mistral3", "Mistral3ForConditionalGeneration"),
 }
 
 

@@ -1,8 +1,12 @@
 """Load an HF safetensors checkpoint (single file or sharded with an index) into a pie model.
 
-Checkpoint names map 1:1 onto module names except fused projections, which each model declares as data
-(`packed_modules_mapping`: {"q_proj": ("qkv_proj", "q"), ...}); the fused module's `load_shard` places
-the tensor. Tensors are read straight onto the parameter's device and cast by copy_.
+Per checkpoint tensor: (1) the model's `checkpoint_prefixes` rename a multimodal wrapper's text tower
+("model.language_model." -> "model.", "language_model.model." -> "model."); names that match no parameter
+(vision towers, projectors) are skipped; (2) fused projections are declared as data
+(`packed_modules_mapping`: {"q_proj": ("qkv_proj", "q"), ...}) and the fused module's `load_shard` places
+the tensor; (3) FP8 weights with a `weight_scale_inv` (per tensor, per row or per block) are dequantized to
+the parameter's dtype (until FP8 GEMMs exist); their activation scales are not needed. Tensors are read
+straight onto the parameter's device and cast by copy_.
 """
 
 from __future__ import annotations
@@ -22,6 +26,24 @@ log = logging.getLogger(__name__)
 
 # Checkpoint tensors that carry no weights we need (derived buffers written by old transformers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# Companions of FP8 weights: the dequantization scale (read with its weight) and static activation scales.
+_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".activation_scale")
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 W * s for an FP8 weight [O, I] and its scale: a scalar, [O] / [O, 1] per row, or [ceil(O / bo),
+    ceil(I / bi)] per block (block size inferred from the shapes, as DeepSeek/Mistral FP8 checkpoints ship
+    128 x 128 blocks)."""
+    w, s = weight.float(), scale.float()
+    if s.numel() == 1:
+        return w * s.reshape(())
+    rows, cols = w.shape
+    if s.dim() == 1 or s.shape[-1] == 1:
+        return w * s.reshape(rows, 1)
+    bo, bi = -(-rows // s.shape[0]), -(-cols // s.shape[1])
+    full = s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+    return w * full
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -54,6 +76,7 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     """
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
+    prefixes: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
     device = next(iter(params.values())).device
     # safetensors takes "cpu", "cuda:N" (int index also works); reading onto the target device skips a hop.
     st_device = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
@@ -70,16 +93,19 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
         for path in files:
             with _open(path, st_device) as f:
                 keys = list(f.keys())
+                key_set = set(keys)
                 for key in keys:
                     bar.update(1)
-                    if key.endswith(_IGNORED_SUFFIXES):
+                    if key.endswith(_IGNORED_SUFFIXES) or key.endswith(_SCALE_SUFFIXES):
                         continue
-                    name, shard_id = _target(key, packed)
+                    name, shard_id = _target(_rename(key, prefixes), packed)
                     param = params.get(name)
                     if param is None:
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
                         continue
                     tensor = f.get_tensor(key)
+                    if tensor.dtype in _FP8:
+                        tensor = _dequantized(f, key, key_set, tensor)
                     try:
                         if shard_id is None:
                             if param.shape != tensor.shape:
@@ -115,6 +141,25 @@ def _open(path: Path, device: str):
             f"{path} is not a readable safetensors file ({e}; {size} bytes): truncated or corrupt; "
             "re-download the model"
         ) from None
+
+
+def _dequantized(f, key: str, keys: set[str], tensor: torch.Tensor) -> torch.Tensor:
+    """An FP8 checkpoint tensor dequantized with its scale, which sits in the same file."""
+    base = key.removesuffix(".weight")
+    for suffix in (".weight_scale_inv", ".weight_scale"):
+        if base + suffix in keys:
+            return dequantize_fp8(tensor, f.get_tensor(base + suffix))
+    raise ModelError(
+        f"checkpoint tensor {key} is FP8 but has no {base}.weight_scale_inv beside it; pie dequantizes FP8 "
+        "weights with their scales and cannot load this one"
+    )
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def _target(key: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:

@@ -82,6 +82,7 @@ class _PendingOps:
             page in self.written_after_copies()
             or any(d == page for _, d in self.copy)
             or any(s == slot for s, _ in self.swap_in)
+            or any(s == slot for _, s in self.swap_out)  # the slot was freed and handed out again
         )
 
     def to_ops(self) -> PageOps:
@@ -139,7 +140,8 @@ class KVCache:
         return child
 
     def _share_into(self, dst: Sequence, src: Sequence | Snapshot) -> None:
-        """dst takes src's KV: full pages by reference, the partial last page by a device copy.
+        """dst takes src's KV, every page by reference (copy-on-write: the partial last page is copied on
+        the device by the first pass that writes into it).
         Tokens past src's computed KV (after a failed pass or a preemption) are copied as tokens only:
         dst computes them with its next pass."""
         if isinstance(src, Sequence) and src.state == SWAPPED and not self.ensure_resident(src):
@@ -151,14 +153,9 @@ class KVCache:
         if isinstance(src, Sequence) and src.state == DROPPED:  # nothing resident: the copy recomputes too
             kv = 0
         full = kv // self.ps
-        pages = list(src.pages)
-        self.alloc.incref(pages[:full])
-        dst.pages = pages[:full]
-        if kv % self.ps:
-            q = self.alloc_pages(1)[0]
-            self._copy(pages[full], q)
-            self.stats.pages_copied += 1
-            dst.pages.append(q)
+        # the partial last page is shared too: whoever writes into it first copies it (Scheduler._cow)
+        dst.pages = list(src.pages[: -(-kv // self.ps)])
+        self.alloc.incref(dst.pages)
         dst.hashes = list(src.hashes[:full])
         dst.kv_len = kv
 
@@ -169,23 +166,38 @@ class KVCache:
             raise ValueError(f"cannot truncate {n} tokens of a context holding {seq.num_tokens}")
         if n == 0:
             return
-        self.ensure_resident(seq)
+        self.ensure_resident(seq)  # may stay swapped when memory is short: then pages -1 are host slots
         keep = seq.num_tokens - n
         keep_pages = -(-keep // self.ps)
-        self.alloc.decref(seq.pages[keep_pages:])
+        dropped = seq.pages[keep_pages:]
+        self.alloc.decref([p for p in dropped if p >= 0])
+        if seq.state == SWAPPED:
+            assert seq.swap_slots is not None
+            self._free_slots.extend(s for s in seq.swap_slots[keep_pages:] if s >= 0)
+            del seq.swap_slots[keep_pages:]
         del seq.pages[keep_pages:]
         del seq.tokens[keep:], seq.positions[keep:]
         del seq.hashes[keep // self.ps :]
         seq.kv_len = min(seq.kv_len, keep)
         seq.causal_len = min(seq.causal_len, keep)
-        if keep % self.ps:  # the new last page will be written again: it must be ours alone
-            last = seq.pages[-1]
-            if self.alloc.is_shared(last) or self.alloc.pincount(last):
-                q = self.alloc_pages(1)[0]
-                self._copy(last, q)
-                self.stats.pages_copied += 1
-                self.alloc.decref([last])
-                seq.pages[-1] = q
+        if (
+            keep % self.ps
+            and len(seq.pages) == keep_pages
+            and seq.pages[-1] >= 0
+            and self.alloc.pincount(seq.pages[-1])
+        ):
+            # a batch of another (released) context may still read the slots we will write again: copy
+            # now. A page shared with owners is copied when first written (Scheduler._cow).
+            self.cow(seq, len(seq.pages) - 1)
+
+    def cow(self, seq: Sequence, index: int) -> None:
+        """Give seq its own copy of its page `index` (a device copy queued before the next batch)."""
+        old = seq.pages[index]
+        q = self.alloc_pages(1)[0]
+        self._copy(old, q)
+        self.stats.pages_copied += 1
+        self.alloc.decref([old])
+        seq.pages[index] = q
 
     # ---- snapshots ----------------------------------------------------------------------------
     def save(self, seq: Sequence, name: str | None = None) -> str:
@@ -403,6 +415,15 @@ class KVCache:
         seq.pages = []
         seq.hashes = []
         seq.kv_len = 0
+        seq.state = DROPPED
+
+    def drop(self, seq: Sequence) -> None:
+        """Preempt by recompute whatever seq holds (resident or swapped pages): all of it is let go."""
+        assert not seq.inflight
+        self.stats.preemptions += 1
+        self.stats.preempted_recompute += 1
+        self._drop_pages(seq)
+        seq.hashes = []
         seq.state = DROPPED
 
     def resume_cost(self, seq: Sequence) -> int:

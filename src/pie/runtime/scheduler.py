@@ -258,7 +258,10 @@ class Scheduler:
             pos = seq.positions[-1] + 1
             if pos >= max_pos:
                 continue  # ends with "length" when its last step returns
-            if nt >= len(seq.pages) * ps and not self._reserve(seq, nt + 1, in_plan, True):
+            if nt >= len(seq.pages) * ps:
+                if not self._reserve(seq, nt + 1, in_plan, True):
+                    continue
+            elif self.kv.alloc._refs[seq.pages[nt // ps]] > 1 and not self._cow(seq, nt, in_plan, True):
                 continue
             seq.tokens.append(-1)  # filled on the device from the batch in flight, here when it returns
             seq.positions.append(pos)
@@ -327,6 +330,11 @@ class Scheduler:
                 return None
             n = budget
         hi = lo + n
+        if lo % self.kv.ps and lo // self.kv.ps < len(seq.pages):
+            if self.kv.alloc.is_shared(seq.pages[lo // self.kv.ps]) and not self._cow(
+                seq, lo, in_plan, may_preempt
+            ):
+                return None
         if not self._reserve(seq, hi, in_plan, may_preempt):
             return None
         # outputs in [lo, hi)
@@ -350,6 +358,14 @@ class Scheduler:
         in_plan.add(seq.id)
         return Chunk(w, lo, hi, out, samp, -1, out is None)
 
+    def _cow(self, seq: Sequence, slot: int, in_plan: set[int], may_preempt: bool) -> bool:
+        """Copy-on-write: slot's page is shared (a fork's, a snapshot's, the prefix cache's); give seq its
+        own copy before writing there. False when no page can be had now."""
+        if not self._make_room(1, seq, in_plan, may_preempt):
+            return False
+        self.kv.cow(seq, slot // self.kv.ps)
+        return True
+
     def _reserve(self, seq: Sequence, kv_end: int, in_plan: set[int], may_preempt: bool) -> bool:
         need = self.kv.pages_needed(seq, kv_end)
         if need == 0:
@@ -369,10 +385,26 @@ class Scheduler:
             if self.kv.evict(need - self.kv.alloc.num_free):
                 continue
             victim = self._victim(seq, in_plan, only_idle=not may_preempt)
-            if victim is None:
+            if victim is not None:
+                self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
+                continue
+            # nobody frees a page alone: pages shared by several idle contexts (forks, a swapped-out
+            # fork's partner) go once every holder lets go, so drop idle holders to recompute later
+            holder = self._idle_holder(seq, in_plan)
+            if holder is None:
                 return False
-            self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
+            self.kv.drop(holder)
         return True
+
+    def _idle_holder(self, seq: Sequence, in_plan: set[int]) -> Sequence | None:
+        """The most recently created idle context that still holds device pages and can be recomputed."""
+        for s in sorted(self.seqs.values(), key=lambda s: -s.id):
+            if s is seq or s.id in in_plan or s.work is not None or s.inflight or s.closed:
+                continue
+            if s.causal_len < s.kv_len or not any(p >= 0 for p in s.pages):
+                continue
+            return s
+        return None
 
     def _victim(self, seq: Sequence, in_plan: set[int], only_idle: bool) -> Sequence | None:
         """Victim policy: among resident sequences with no batch in flight, not in this step and not the
