@@ -254,3 +254,23 @@ def test_smoke_run_on_cpu(tmp_path, capsys):
     assert rec["figures"][0]["mean_kv_len"] == pytest.approx(8 + 1 + 1 + 1.5)  # steps 1..4 after warm-up
     assert "decode batch 3" in err and "prefill, 2 x 16" in err  # progress and the table on stderr
     assert "sorted by self_cpu_time_total" in prof.read_text()  # profile of the batch-3 step (no 64 here)
+
+
+def test_configured_cpu_device_is_used(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    """A model configured on cpu (dev driver) benches on cpu without --device."""
+    monkeypatch.setenv("PIE_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[[model]]\nname = "tiny"\nhf_repo = "{tiny_checkpoint("qwen3")}"\n[model.driver]\ntype = "dev"\n'
+    )
+    argv = ["bench", "-c", str(cfg), "--random-weights", "--context", "8", "--batch-sizes", "1",
+            "--prefill", "none", "--steps", "1", "--repeats", "1", "--warmup", "0", "--page-size", "4",
+            "--json"]  # fmt: skip
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=None)
+    parser = argparse.ArgumentParser(prog="pie")
+    bench_cmd.register(parser.add_subparsers(), common)
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["card"].startswith("cpu") and rec["settings"]["dtype"] == "float32"

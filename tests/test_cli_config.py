@@ -209,3 +209,15 @@ def test_model_download_prints_snapshot(monkeypatch: pytest.MonkeyPatch, capsys)
     captured = capsys.readouterr()
     assert Path(captured.out.strip()).joinpath("config.json").is_file()
     assert "✓ org/new runs on cuda_native, dev" in captured.err
+
+
+def test_model_list_keeps_the_cache_line_apart_from_the_table(env: Path, capsys, monkeypatch) -> None:
+    """Shared terminal (or 2>&1): the HF cache line is separated from the last row by a blank line."""
+    import sys
+
+    shared = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", shared)
+    monkeypatch.setattr(sys, "stderr", shared)
+    assert pie("model", "list") == 0
+    lines = shared.getvalue().splitlines()
+    assert lines[-1] == f"HF cache: {env}" and lines[-2] == "" and lines[-3].startswith("✓ ")

@@ -164,7 +164,7 @@ def test_all_problems_reported_together() -> None:
 def test_valid_edge_values() -> None:
     opts = parse(CUDA + "[model.driver.options]\ngpu_mem_utilization = 1.0\nkv_page_size = 1\n").default_model
     assert opts.driver.options.kv_page_size == 1
-    assert parse(DEV + "[model.driver.options]\nweight_dtype = 'bfloat16'\ncpu_mem_budget_in_gb = 0\n")
+    assert parse(DEV + "[model.driver.options]\nweight_dtype = 'float32'\ncpu_mem_budget_in_gb = 0\n")
 
 
 def test_swap_page_cap_and_runtime_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,3 +351,77 @@ def test_set_driver_type_drops_other_driver_options(tmp_path: Path) -> None:
 def test_set_on_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pie config init"):
         set_value(tmp_path / "none.toml", "model.name", "x")
+
+
+def test_dev_timeouts_come_from_the_config() -> None:
+    from pie.drivers.factory import create_driver
+
+    cfg = parse(
+        '[[model]]\nhf_repo = "pie/embedded-default"\n[model.driver]\ntype = "dev"\n'
+        "[model.driver.options]\nready_timeout_s = 7\nshutdown_timeout_s = 0.25\nheartbeat_timeout_s = 3\n"
+    )
+    driver = create_driver(cfg.default_model)
+    assert (driver.ready_timeout_s, driver.shutdown_timeout_s, driver.heartbeat_timeout_s) == (7.0, 0.25, 3.0)
+    defaults = create_driver(parse('[[model]]\n[model.driver]\ntype = "dev"\n').default_model)
+    assert (defaults.ready_timeout_s, defaults.shutdown_timeout_s) == (600.0, 5.0)
+    assert "must be > 0" in error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nshutdown_timeout_s = 0\n'
+    )
+
+
+def test_mixed_precision_is_caught_at_validation() -> None:
+    """activation_dtype float16/float32 with cuda_native's default weight_dtype used to pass validation
+    and fail at driver start ("mixed precision not implemented")."""
+    for act in ("float16", "float32"):
+        cfg = parse(f'[[model]]\n[model.driver]\nactivation_dtype = "{act}"\n')
+        assert cfg.default_model.driver.options.weight_dtype == act  # the default follows
+        from pie.drivers.executor import resolve_dtypes
+
+        resolve_dtypes(act, cfg.default_model.driver.options.weight_dtype)  # what the driver checks
+    msg = error_of(
+        '[[model]]\n[model.driver]\nactivation_dtype = "float16"\n'
+        '[model.driver.options]\nweight_dtype = "bfloat16"\n'
+    )
+    assert (
+        'weight_dtype = "bfloat16" with activation_dtype = "float16": mixed precision is not implemented'
+        in msg
+    )
+    assert 'set weight_dtype = "auto"' in msg
+    dev = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nweight_dtype = "float16"\n'
+    )  # dev on cpu: activation float32 by default
+    assert 'weight_dtype = "float16" with activation_dtype = "float32"' in dev
+    ok = parse('[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nweight_dtype = "float32"\n')
+    assert ok.default_model.driver.options.weight_dtype == "float32"
+
+
+def test_integers_too_large_for_the_wire_are_rejected() -> None:
+    msg = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\n'
+        "max_batch_tokens = 99999999999999999999\nmax_batch_size = 2147483648\n"
+    )
+    assert "'max_batch_tokens' must be at most 2147483647, got 99999999999999999999" in msg
+    assert "'max_batch_size' must be at most 2147483647" in msg
+    capped = error_of(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nmax_num_kv_pages = 2147483648\n'
+    )
+    assert "'max_num_kv_pages' must be at most 2147483647" in capped  # an optional int is bounded too
+    assert parse(
+        '[[model]]\n[model.driver]\ntype = "dev"\n[model.driver.options]\nmax_batch_size = 2147483647\n'
+    )
+
+
+def test_unwritable_pie_home_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from pie.cli.main import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PIE_HOME", str(blocker / "pie"))  # a path under a file: mkdir fails, even as root
+    assert main(["config", "init"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {blocker / 'pie' / 'config.toml'}" in err and "must be a writable directory" in err
+    assert "Traceback" not in err
+    assert main(["driver", "dev", "set", "python", "python3"]) == 2
+    assert "dev-driver.toml" in capsys.readouterr().err

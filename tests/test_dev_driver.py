@@ -224,11 +224,114 @@ def test_shutdown_kills_a_child_that_does_not_answer():
         t0 = time.monotonic()
         await d.shutdown()
         assert time.monotonic() - t0 < 3
+        assert d.proc.returncode == -signal.SIGTERM  # SIGTERM first; it was not stopped
+        with pytest.raises(DriverError, match="shut down"):
+            await busy
+
+    run(main())
+
+
+# ---- a wedged child (SIGSTOP) --------------------------------------------------------------------
+
+
+def test_stopped_child_fails_the_forward_in_flight_and_is_reaped():
+    async def main():
+        d = stub_driver(heartbeat_timeout_s=1.0)
+        await d.start()
+        busy = asyncio.create_task(d.forward(make_batch([one([SLEEP_TOKEN], start=30_000)], 16)))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        with pytest.raises(DriverError, match=r"stopped answering: no heartbeat for \d+\.\d s"):
+            await busy
+        assert 0.5 <= time.monotonic() - t0 < 5  # the last beat may precede the stop by 1/4 timeout
+        assert d.proc.returncode == -signal.SIGKILL  # reaped, not left stopped
+        with pytest.raises(DriverError, match="stopped answering"):
+            await d.forward(make_batch([one([1])], 16))
+        await d.shutdown()
+
+    run(main())
+
+
+def test_a_long_batch_keeps_beating():
+    """No false positive: a forward 3x longer than the heartbeat timeout succeeds."""
+
+    async def main():
+        d = stub_driver(heartbeat_timeout_s=1.0)
+        await d.start()
+        res = await d.forward(make_batch([one([SLEEP_TOKEN], start=3_000)], 16))
+        assert int(res.tokens[0]) == SLEEP_TOKEN + 1
+        await d.shutdown()
+        assert d.proc.returncode == 0
+
+    run(main())
+
+
+def test_shutdown_of_a_stopped_child_honours_the_timeout_and_reaps_it():
+    async def main():
+        d = stub_driver(shutdown_timeout_s=0.5, heartbeat_timeout_s=600)
+        await d.start()
+        busy = asyncio.create_task(d.forward(make_batch([one([SLEEP_TOKEN], start=30_000)], 16)))
+        await asyncio.sleep(0.2)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        await d.shutdown()
+        assert 0.5 <= time.monotonic() - t0 < 3  # 0.5 s asked, SIGTERM stays pending, 1 s, SIGKILL
         assert d.proc.returncode == -signal.SIGKILL
         with pytest.raises(DriverError, match="shut down"):
             await busy
 
     run(main())
+
+
+def test_stopped_during_load_is_reported_as_wedged():
+    async def main():
+        d = stub_driver("never_ready", heartbeat_timeout_s=1.0, ready_timeout_s=60)
+        task = asyncio.create_task(d.start())
+        while d._heartbeat is None or d._heartbeat.last_beat is None:  # it is beating
+            await asyncio.sleep(0.01)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        with pytest.raises(DriverError, match="stopped answering"):
+            await task
+        assert d.proc.returncode == -signal.SIGKILL
+
+    run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_stopped_child_dies_with_its_parent(tmp_path):
+    """The second Ctrl-C case: pie dies mid-shutdown; the stopped driver must not be left behind."""
+    import subprocess
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, os, signal, sys\n"
+        "from test_dev_driver import stub_driver\n"
+        "async def main():\n"
+        "    d = stub_driver(heartbeat_timeout_s=600)\n"
+        "    await d.start()\n"
+        "    os.kill(d.proc.pid, signal.SIGSTOP)\n"
+        "    print(d.proc.pid, flush=True)\n"
+        "    os._exit(1)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    child = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        state = (
+            Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+            if Path(f"/proc/{child}/stat").exists()
+            else "X"
+        )
+        if state in ("Z", "X"):  # a zombie waiting for init to reap it is dead
+            break
+        time.sleep(0.05)
+    else:
+        if Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"dev driver child {child} outlived its parent")
 
 
 def test_missing_interpreter_and_forward_before_start():
@@ -475,3 +578,58 @@ if __name__ == "__main__":
     for label, batch in [("1 request, 1 token", None), ("decode, 256 requests", decode_batch(256))]:
         med, p90 = asyncio.run(measure_round_trip(n, batch))
         print(f"dev driver round trip ({label}): median {med * 1e6:.0f} us, p90 {p90 * 1e6:.0f} us")
+
+
+def test_unactivated_venv_of_pie_is_the_active_venv(tmp_path, monkeypatch):
+    """`venv/bin/pie` without `activate` (or pipx): pie's own venv wins over python3 on PATH."""
+    path_py = fake_python(tmp_path / "path/python3")
+    monkeypatch.setenv("PATH", str(path_py.parent))
+    venv = tmp_path / "venv"
+    own = fake_python(venv / "bin/python")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "executable", str(own))
+    assert interpreter.resolve_python() == (str(own), "pie's own virtualenv")
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "active"))  # an activated venv still wins
+    active = fake_python(tmp_path / "active/bin/python")
+    assert interpreter.resolve_python() == (str(active), "VIRTUAL_ENV")
+    monkeypatch.delenv("VIRTUAL_ENV")
+    monkeypatch.setattr(sys, "prefix", sys.base_prefix)  # outside any venv: python3 on PATH
+    assert interpreter.resolve_python() == (str(path_py), "python3 on PATH")
+
+
+def test_interpreter_without_pie_dependencies_says_which_and_how_to_choose(tmp_path):
+    bare = tmp_path / "bare/python3"
+    bare.parent.mkdir()
+    bare.write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo \"ModuleNotFoundError: No module named 'msgpack'\" >&2\nexit 1\n"
+    )
+    bare.chmod(0o755)
+
+    async def main():
+        d = DevDriver(SPEC, python=str(bare))
+        with pytest.raises(DriverError) as e:
+            await d.start()
+        return str(e.value)
+
+    msg = run(main())
+    assert f"{bare} cannot import 'msgpack'" in msg
+    assert "pie driver dev set venv PATH" in msg and "PIE_PYTHON" in msg
+
+
+def test_install_picks_the_cpu_extra_without_cuda(capsys, tmp_path, monkeypatch):
+    import tomllib
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(os.path, "exists", lambda p: False)  # no /proc/driver/nvidia
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no nvidia-smi
+    assert driver_cmd.default_extra() == "cpu"
+    assert cli("driver", "dev", "install", str(tmp_path / "v")) == 0
+    out = capsys.readouterr().out
+    assert "(cpu)" in out and "install torch --index-url https://download.pytorch.org/whl/cpu" in out
+    assert "pie[cpu]" in out
+    # the extra exists, so pip accepts `pie[cpu]` without a warning
+    pyproject = tomllib.loads((interpreter.pie_import_root().parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["optional-dependencies"]["cpu"] == []
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert driver_cmd.default_extra() == "cu128"

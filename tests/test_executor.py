@@ -254,3 +254,44 @@ def test_plan_dev_cuda_cpu_and_explicit():
         plan_num_pages(_spec(device="cpu"), MiB, 0, 0, MiB, model_config=CFG)
     with pytest.raises(DriverError, match="unknown kv_policy"):
         plan_num_pages(_spec(kv_policy="turbo"), MiB, 0, 0, GiB, model_config=CFG)
+
+
+def test_nan_logits_fail_the_pass_with_a_clear_error(tiny_checkpoint, monkeypatch):
+    ex = make_executor(tiny_checkpoint("qwen3"), page_size=16, num_pages=8)
+    batch = make_batch([_req([5, 9, 40], outputs=[2]), _req([7, 8], pages=(4,), outputs=[1])], page_size=16)
+    ok = ex.execute(batch)
+    assert ok.tokens.shape == (2,) and (ok.tokens >= 0).all()
+    real = ex.model.compute_logits
+
+    def poisoned(hidden):
+        logits = real(hidden)
+        logits[1, 3] = float("nan")  # one value of the second output row
+        return logits
+
+    monkeypatch.setattr(ex.model, "compute_logits", poisoned)
+    with pytest.raises(DriverError, match=r"NaN logits for 1 of 2 output rows \(rows 1\)"):
+        ex.execute(batch)
+
+
+def test_out_of_pages_hint_names_keys_that_act_on_the_device():
+    from pie.config import parse_config
+    from pie.drivers.kv_plan import capacity_hint
+
+    def entry(driver: str):
+        return parse_config({"model": [{"name": "m", "driver": driver}]}, "c.toml").default_model
+
+    cpu = capacity_hint(entry({"type": "dev", "device": "cpu"}), "c.toml")
+    assert "gpu_mem_utilization has no effect on cpu" in cpu and "raise gpu_mem_utilization" not in cpu
+    assert "min(4 GiB, 25% of available RAM)" in cpu
+    dev_gpu = capacity_hint(entry({"type": "dev", "device": "cuda:0"}), "c.toml")
+    assert dev_gpu.startswith("raise gpu_mem_utilization in the driver options of model 'm' in c.toml")
+    native = capacity_hint(entry({"type": "cuda_native"}))
+    assert native == "raise max_num_kv_pages or gpu_mem_utilization in the driver options of model 'm'"
+
+
+def test_engine_uses_the_device_aware_hint():
+    from pie.config import parse_config
+    from pie.runtime.engine import Engine
+
+    cfg = parse_config({"model": [{"name": "m", "driver": {"type": "dev"}}]}, "c.toml")
+    assert "no effect on cpu" in Engine(cfg)._hint(cfg.default_model)

@@ -313,6 +313,8 @@ def test_flashinfer_executor_equals_torch_backend_executor(tiny_fi):
 @pytest.mark.gpu
 @needs_cuda
 def test_seeded_sampling_on_cuda_matches_cpu():
+    from test_sampling import SEEDED_CROSS_DEVICE_AGREEMENT
+
     from pie.drivers.sampling import SamplingParams, sample
 
     n_out, V = 64, 5000
@@ -329,7 +331,8 @@ def test_seeded_sampling_on_cuda_matches_cpu():
     logits = torch.randn(n_out, V, generator=torch.Generator().manual_seed(3)) * 3
     cpu = sample(logits, SamplingParams.from_batch(batch, "cpu"), True)
     gpu = sample(logits.to(DEV), SamplingParams.from_batch(batch, DEV), True)
-    assert torch.equal(gpu.tokens.cpu(), cpu.tokens)
+    # not torch.equal: exact equality across devices is not guaranteed (near-ties; pie.drivers.sampling)
+    assert (gpu.tokens.cpu() == cpu.tokens).float().mean() >= SEEDED_CROSS_DEVICE_AGREEMENT
     assert torch.allclose(gpu.logprobs.cpu(), cpu.logprobs, atol=1e-4)
     assert torch.allclose(gpu.entropies.cpu(), cpu.entropies, atol=1e-4)
 

@@ -13,22 +13,37 @@ import pytest
 from pie.config import parse_config
 from pie.errors import ModelError
 from pie.models import hub
-from pie.paths import EMBEDDED_MODEL_ID
+from pie.paths import EMBEDDED_MODEL_ID, embedded_model_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def checkpoint_files(model_type: str = "qwen3", safetensors: bool = True, tokenizer: bool = True) -> dict:
-    """Files of a checkpoint; hub only checks which exist, so contents are placeholders."""
-    files = {"config.json": json.dumps({"model_type": model_type}), "tokenizer_config.json": "{}"}
+def tiny_safetensors() -> bytes:
+    """A valid safetensors file of one small tensor (the checks read headers only)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"x": np.zeros(4, dtype=np.float32)})
+
+
+def checkpoint_files(
+    model_type: str = "qwen3", safetensors: bool = True, tokenizer: bool = True
+) -> dict[str, str | bytes]:
+    """Files of a checkpoint that passes pie.models.check: a real config (the embedded model's, with
+    `model_type` replaced), a readable safetensors header; the tokenizer files are placeholders."""
+    config = json.loads((embedded_model_dir() / "config.json").read_text())
+    files: dict[str, str | bytes] = {
+        "config.json": json.dumps({**config, "model_type": model_type}),
+        "tokenizer_config.json": "{}",
+    }
     if safetensors:
-        files["model.safetensors"] = "weights"
+        files["model.safetensors"] = tiny_safetensors()
     if tokenizer:
         files["tokenizer.json"] = "{}"
     return files
 
 
-def add_cached_repo(cache: Path, repo: str, files: dict[str, str], kind: str = "models") -> Path:
+def add_cached_repo(cache: Path, repo: str, files: dict[str, str | bytes], kind: str = "models") -> Path:
     """Writes `repo` into an HF cache the way huggingface_hub does: blobs/ by hash, snapshots/<commit>/
     symlinks into them, refs/main naming the commit. Returns the snapshot directory."""
     folder = cache / f"{kind}--{repo.replace('/', '--')}"
@@ -38,18 +53,19 @@ def add_cached_repo(cache: Path, repo: str, files: dict[str, str], kind: str = "
     snap.mkdir(parents=True, exist_ok=True)
     (folder / "blobs").mkdir(exist_ok=True)
     for name, content in files.items():
-        blob = folder / "blobs" / hashlib.sha256(content.encode()).hexdigest()
-        blob.write_text(content)
+        data = content.encode() if isinstance(content, str) else content
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
         link = snap / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     return snap
 
 
-def write_dir(path: Path, files: dict[str, str]) -> Path:
+def write_dir(path: Path, files: dict[str, str | bytes]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
-        (path / name).write_text(content)
+        (path / name).write_bytes(content.encode() if isinstance(content, str) else content)
     return path
 
 
@@ -178,9 +194,12 @@ def test_list_models_statuses(cache: Path, tmp_path: Path, embedded: Path, regis
         "hf-cache", True, ["cuda_native", "dev"], "qwen3",
     )  # fmt: skip
     assert qwen.config_names == ["default"] and qwen.size_bytes and qwen.size_bytes > 0
-    assert rows["org/gpt"].supported is False and rows["org/gpt"].reasons == ["unsupported model_type 'gpt2'"]
-    assert rows["org/nosafe"].reasons == ["missing safetensors"] and not rows["org/nosafe"].drivers
-    assert rows["org/notok"].reasons == ["missing tokenizer"]
+    assert rows["org/gpt"].supported is False
+    assert rows["org/gpt"].reasons == ["unsupported model_type 'gpt2' (pie runs: llama, qwen3)"]
+    [nosafe] = rows["org/nosafe"].reasons
+    assert nosafe.startswith("no model.safetensors") and not rows["org/nosafe"].drivers
+    [notok] = rows["org/notok"].reasons
+    assert notok.startswith("no tokenizer files in") and "tokenizer.json" in notok
     assert rows[str(local)].source == "local" and rows[str(local)].supported
     assert rows[str(local)].config_names == ["mine"]
     gone = rows["org/not-downloaded"]
@@ -195,7 +214,7 @@ def test_list_models_real_registry(cache: Path, embedded: Path) -> None:
     add_cached_repo(cache, "org/w", checkpoint_files("not_a_real_arch"))
     rows = {m.id: m for m in hub.list_models(None)}
     assert rows["org/q"].supported is True
-    assert rows["org/w"].reasons == ["unsupported model_type 'not_a_real_arch'"]
+    assert rows["org/w"].reasons[0].startswith("unsupported model_type 'not_a_real_arch' (pie runs: ")
 
 
 def test_list_models_without_registry(cache: Path, embedded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,3 +283,88 @@ def test_download_errors_become_model_errors(cache: Path, monkeypatch: pytest.Mo
         hub.download("org/x")
     with pytest.raises(ModelError, match="ships with pie"):
         hub.download(EMBEDDED_MODEL_ID)
+
+
+# ---- broken model directories: ✓ means it runs; every problem names the file -------------------
+
+
+def _broken_dirs(tmp_path: Path) -> dict[str, Path]:
+    good = checkpoint_files("qwen3")
+    config = json.loads(good["config.json"])
+    # a rope type pie rejects (yarn was one until it was implemented)
+    longrope = {**config, "rope_parameters": {"rope_theta": 1e6, "rope_type": "longrope", "factor": 4.0}}
+    full = tiny_safetensors()
+    return {
+        "ok": write_dir(tmp_path / "ok", good),
+        "notok": write_dir(tmp_path / "notok", checkpoint_files(tokenizer=False)),
+        "badjson": write_dir(tmp_path / "badjson", {**good, "config.json": "{not json"}),
+        "zero": write_dir(tmp_path / "zero", {**good, "model.safetensors": b""}),
+        "trunc": write_dir(tmp_path / "trunc", {**good, "model.safetensors": full[: len(full) - 7]}),
+        "longrope": write_dir(tmp_path / "longrope", {**good, "config.json": json.dumps(longrope)}),
+    }
+
+
+def test_model_list_marks_only_runnable_dirs(tmp_path: Path, cache: Path, embedded: Path) -> None:
+    dirs = _broken_dirs(tmp_path)
+    rows = {name: hub.inspect_dir(name, "local", d) for name, d in dirs.items()}
+    assert rows["ok"].supported is True and rows["ok"].reasons == []
+    for name in ("notok", "badjson", "zero", "trunc", "longrope"):
+        assert rows[name].supported is False, name
+    [r] = rows["notok"].reasons
+    assert "no tokenizer files in" in r and str(dirs["notok"]) in r
+    [r] = rows["badjson"].reasons
+    assert f"{dirs['badjson'] / 'config.json'} is not valid JSON" in r and "tokenizer" not in r
+    [r] = rows["zero"].reasons
+    assert f"{dirs['zero'] / 'model.safetensors'} is empty (0 bytes" in r and "re-download" in r
+    [r] = rows["trunc"].reasons
+    assert f"{dirs['trunc'] / 'model.safetensors'} is not a readable safetensors file" in r
+    [r] = rows["longrope"].reasons
+    assert str(dirs["longrope"] / "config.json") in r and "rope type 'longrope' is not supported" in r
+
+
+def test_tokenizer_reports_a_broken_config_and_missing_tokenizer_by_name(tmp_path: Path) -> None:
+    from pie.models.tokenizer import Tokenizer
+
+    dirs = _broken_dirs(tmp_path)
+    with pytest.raises(ModelError, match=r"no tokenizer files in .*notok"):
+        Tokenizer.from_dir(dirs["notok"])
+    with pytest.raises(ModelError, match=r"badjson/config.json is not valid JSON"):
+        Tokenizer.from_dir(dirs["badjson"])
+
+
+def test_driver_factory_names_a_truncated_safetensors_file(tmp_path: Path) -> None:
+    from pie.config import DevOptions, DriverConfig, ModelEntry
+    from pie.drivers.factory import executor_spec
+
+    dirs = _broken_dirs(tmp_path)
+    for name in ("zero", "trunc"):
+        entry = ModelEntry("m", str(dirs[name]), DriverConfig("dev", ["cpu"], 1, "float32", DevOptions()))
+        with pytest.raises(ModelError, match=f"{name}/model.safetensors is"):
+            executor_spec(entry)
+
+
+def test_weight_loader_names_a_truncated_file(tmp_path: Path, tiny_checkpoint) -> None:
+    """Even past the checks (a file truncated after them), loading names the file: no traceback."""
+    import shutil
+
+    import torch
+
+    from pie.models.weights import load_weights
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("qwen3"), d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"ckpt/model.safetensors is not a readable safetensors file"):
+        load_weights(torch.nn.Linear(2, 2), d)
+
+
+def test_doctor_reports_a_broken_default_model(tmp_path: Path, cache: Path, capsys) -> None:
+    from pie.cli.main import main
+
+    dirs = _broken_dirs(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[model]]\nhf_repo = "{dirs["zero"]}"\n[model.driver]\ntype = "dev"\n')
+    assert main(["doctor", "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "✗ default model (default)" in out and "model.safetensors is empty (0 bytes" in out

@@ -187,6 +187,7 @@ def test_factory_maps_config_options_to_the_executor_spec(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text((embedded_model_dir() / "config.json").read_text())
+    (model / "model.safetensors").symlink_to(embedded_model_dir() / "model.safetensors")
     opts = CudaNativeOptions(kv_page_size=64, max_num_kv_pages=77, gpu_mem_utilization=0.5, max_batch_size=9)
     entry = ModelEntry("a", str(model), DriverConfig("cuda_native", ["cuda:1"], 1, "bfloat16", opts))
     spec = executor_spec(entry)
@@ -223,3 +224,101 @@ def test_unsupported_model_type_fails_before_a_driver_starts(tmp_path):
         ModelError, match="'gpt2' is not supported; supported types: .*llama, ministral.*qwen3"
     ):
         create_driver(entry)
+
+
+def test_run_with_a_stopped_dev_driver_fails_and_leaves_no_process(tiny_config, tmp_path):
+    """SIGSTOP on the dev child: `pie run` fails with a DriverError after heartbeat_timeout_s, no hang."""
+    import signal
+    import time
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(tiny_config.read_text() + "heartbeat_timeout_s = 1\nshutdown_timeout_s = 0.5\n")
+    forever = tmp_path / "forever.py"
+    forever.write_text(
+        "from pie.sdk import Context, Model, Sampler\n"
+        "async def main(input):\n"
+        "    while True:\n"
+        "        async with Context(Model.load()) as ctx:\n"
+        "            ctx.user('hello').cue()\n"
+        "            await ctx.generate(Sampler.argmax(), max_tokens=8).collect_text()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pie", "run", "-c", str(cfg), str(forever)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        child = None
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline and p.poll() is None:
+            kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.2)
+        assert child is not None, "the dev driver child never started"
+        time.sleep(3)  # let it load and start generating
+        os.kill(child, signal.SIGSTOP)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and out == ""
+    assert "dev driver stopped answering: no heartbeat for" in err and "Traceback" not in err
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "Z" in Path(f"/proc/{child}/stat").read_text().split(")")[1][:3]
+    )
+
+
+def test_verbose_shows_info_logs_on_stderr_and_keeps_stdout_clean(tiny_config):
+    """`pie -v run`: log.info of the executor (in the dev driver's child) reaches stderr; not without -v."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("PIE_LOG_LEVEL", None)
+    base = [sys.executable, "-m", "pie"]
+    args = ["run", "-c", str(tiny_config), "text-completion", *PROMPT]
+    quiet = subprocess.run(base + args, capture_output=True, text=True, env=env, timeout=300)
+    loud = subprocess.run(base + ["-v"] + args, capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == loud.returncode == 0, loud.stderr
+    assert "executor ready: qwen3 on cpu" not in quiet.stderr
+    assert "pie: INFO pie.drivers.executor: executor ready: qwen3 on cpu" in loud.stderr
+    assert loud.stdout == quiet.stdout and "INFO" not in loud.stdout
+
+
+def test_verbose_in_process_and_after_the_subcommand(tiny_config, capsys):
+    import logging
+
+    try:
+        assert main(["run", "-v", "-c", str(tiny_config), "--in-process", "text-completion", *PROMPT]) == 0
+        out, err = capsys.readouterr()
+        assert "executor ready" in err and "executor ready" not in out
+    finally:
+        logging.getLogger("pie").setLevel(logging.WARNING)
+        os.environ.pop("PIE_LOG_LEVEL", None)
+
+
+def test_text_that_is_not_unicode_is_rejected_where_it_enters(tmp_path):
+    with pytest.raises(UsageError, match=r"argument --prompt is not valid text: byte 0xff at character 1"):
+        _input(["run", "x.py", "--", "--prompt", "a\udcffb"])  # how Python decodes argv byte 0xff
+    with pytest.raises(UsageError, match=r"--input\['m'\]\[1\] is not valid text: lone surrogate U\+D800"):
+        _input(["run", "x.py", "--input", '{"m": ["ok", "x\\ud800"]}'])
+    from pie.errors import ModelError
+    from pie.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(embedded_model_dir())
+    with pytest.raises(ModelError, match="cannot tokenize text: lone surrogate U\\+DFFF at character 2"):
+        tok.encode("ab\udfff")
+    # end to end: a non-UTF-8 byte on the command line, no traceback
+    r = subprocess.run(
+        [sys.executable, "-m", "pie", "run", "text-completion", "--", "--prompt", b"a\xffb"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC), "PIE_HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert (
+        r.returncode == 2
+        and "byte 0xff at character 1 is not UTF-8" in r.stderr
+        and "Traceback" not in r.stderr
+    )

@@ -11,6 +11,10 @@ import torch
 from pie.drivers.protocol import BatchError, make_batch
 from pie.drivers.sampling import SamplingParams, sample, seeded_log_exponential
 
+# Seeded sampling is exact on one device; across devices a near-tie may flip (see the module doc of
+# pie.drivers.sampling). Every CPU-vs-CUDA comparison of seeded tokens uses this one bound.
+SEEDED_CROSS_DEVICE_AGREEMENT = 0.995
+
 FIELDS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": -1, "dist_k": 0}
 
 # V = 10, spaced so every filter boundary below is far from a tie.
@@ -321,6 +325,6 @@ def test_cuda_matches_cpu_and_never_syncs():
         gpu = sample(logits_cuda, params, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert (gpu.tokens.cpu() == cpu.tokens).float().mean() > 0.995  # float32 log may differ by an ulp
+    assert (gpu.tokens.cpu() == cpu.tokens).float().mean() >= SEEDED_CROSS_DEVICE_AGREEMENT
     torch.testing.assert_close(gpu.logprobs.cpu(), cpu.logprobs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.dist_probs.cpu(), cpu.dist_probs, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,16 @@ def pie_home() -> Path:
     return Path(os.environ.get("PIE_HOME") or Path.home() / ".pie").expanduser()
 
 
+def home_write_error(path: Path, e: OSError) -> str:
+    """The message for a file pie could not write under $PIE_HOME (or elsewhere)."""
+    why = e.strerror or str(e)
+    where = f"{e.filename}: " if e.filename and str(e.filename) != str(path) else ""
+    return (
+        f"cannot write {path} ({where}{why}); $PIE_HOME ({pie_home()}) must be a writable directory: "
+        "fix its permissions or set PIE_HOME to another one"
+    )
+
+
 def default_config_path() -> Path:
     return pie_home() / "config.toml"
 

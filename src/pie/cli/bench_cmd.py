@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--dtype",
         default=None,
         choices=("bfloat16", "float16", "float32"),
-        help="activation dtype (default bfloat16)",
+        help="activation dtype (default: the model's configured one, else bfloat16)",
     )
     p.add_argument(
         "--attention", default="auto", choices=("auto", "flashinfer", "torch"), help="attention backend"
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     say = _progress()
     with tempfile.TemporaryDirectory(prefix="pie-bench-") as tmp:
         cfg, name, model_dir, random_weights, dev_cfg, dtype_cfg = _resolve_model(args, Path(tmp))
-        device = args.device or (dev_cfg if dev_cfg and dev_cfg.startswith("cuda") else "cuda:0")
+        device = args.device or dev_cfg or "cuda:0"  # the configured device, "cpu" included
         opts = parse_options(args, device, args.dtype or dtype_cfg or "bfloat16")
         _check_lengths(cfg, opts)
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():

@@ -173,19 +173,10 @@ def _default_model(config) -> list[Check]:
         return [Check(name, False, str(e), "pie model download REPO, or set hf_repo to a local directory")]
     except (OSError, ValueError) as e:
         return [Check(name, False, f"{entry.hf_repo}: unreadable config.json ({e})", "re-download the model")]
-    try:
-        from pie.models.registry import supported_model_types
+    from pie.models.check import model_dir_problems
 
-        supported = supported_model_types()
-    except ImportError as e:
-        return [Check(name, False, f"{path}: cannot list supported models ({e})", "reinstall pie")]
-    if model_type not in supported:
-        return [
-            Check(
-                name,
-                False,
-                f"{entry.hf_repo}: model_type {model_type!r} is not supported",
-                f"supported types: {', '.join(supported)}",
-            )
-        ]
+    # the checks behind ✓ in `pie model list`: config normalizes, tokenizer files, safetensors headers
+    problems = model_dir_problems(path)
+    if problems:
+        return [Check(name, False, f"{entry.hf_repo}: " + "; ".join(problems))]
     return [Check(name, True, f"{entry.hf_repo} -> {path} ({model_type}, {entry.driver.type} driver)")]

@@ -18,11 +18,24 @@ from pathlib import Path
 from pie.errors import ConfigError, DriverError, PieError
 
 TORCH_INDEX = {
+    "cpu": "https://download.pytorch.org/whl/cpu",  # no multi-GB CUDA wheels on a machine without a GPU
     "cu126": "https://download.pytorch.org/whl/cu126",
     "cu128": "https://download.pytorch.org/whl/cu128",
     "metal": None,  # macOS wheels on PyPI carry MPS support
 }
 FLASHINFER_HINT = "pip install flashinfer-python==0.6.3 (optional on CPU)"
+
+
+def default_extra() -> str:
+    """The install extra for this machine: metal on macOS, cu128 with an NVIDIA driver, else cpu."""
+    import os
+    import shutil
+
+    if sys.platform == "darwin":
+        return "metal"
+    if os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi"):
+        return "cu128"
+    return "cpu"
 
 
 def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -41,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         help="the dev driver's interpreter: install, set, show, doctor",
         description="The dev driver runs under the first interpreter found in this order: the model's "
         "`venv`/`python` option, the `pie driver dev set` setting ($PIE_HOME/dev-driver.toml), $PIE_PYTHON, "
-        "the active virtualenv ($VIRTUAL_ENV), python3 on PATH.",
+        "the active virtualenv ($VIRTUAL_ENV, else the one pie runs in), python3 on PATH.",
     )
     dev.set_defaults(func=lambda args: _usage(dev))
     sub = dev.add_subparsers(dest="dev_command", metavar="SUBCOMMAND")
@@ -60,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
     inst.add_argument(
         "--extra",
         choices=sorted(TORCH_INDEX),
-        default="cu128",
-        help="CUDA 12.6 / 12.8 wheels, or metal (macOS)",
+        default=None,
+        help="cpu (CPU-only torch), CUDA 12.6 / 12.8 wheels, or metal (macOS); default: metal on macOS, "
+        "cu128 where an NVIDIA driver is installed, else cpu",
     )
     inst.set_defaults(func=_install)
 
@@ -133,6 +147,7 @@ def _install(args) -> int:
     from pie.paths import pie_home
 
     venv = Path(args.venv).expanduser().absolute() if args.venv else pie_home() / "venvs" / "dev"
+    args.extra = args.extra or default_extra()
     cmds = install_commands(venv, args.extra)
     if not args.run:
         print(f"# create the dev driver's venv ({args.extra}); run these, or add --run:")
@@ -280,14 +295,17 @@ def doctor_lines(python: str, rule: str, probe: dict) -> list[tuple[bool, bool, 
             (True, True, f"pie driver package imports ({Path(p['info']).parent}, shared with this pie)")
         )
     else:
-        hint = f"install pie's dependencies there: {fix} {shlex.quote(pie_requirement('cu128'))}"
+        hint = f"install pie's dependencies there: {fix} {shlex.quote(pie_requirement(default_extra()))}"
         lines.append((False, True, f"pie driver package: {p['error']}; {hint} (root {pie_import_root()})"))
     t = probe["torch"]
     if t["ok"]:
         where = f"CUDA: {t['info']['device']}" if t["info"]["device"] else "CPU only"
         lines.append((True, True, f"torch {t['info']['version']} ({where})"))
     else:
-        lines.append((False, True, f"torch: {t['error']}; {fix} torch --index-url {TORCH_INDEX['cu128']}"))
+        index = TORCH_INDEX[default_extra()]
+        lines.append(
+            (False, True, f"torch: {t['error']}; {fix} torch" + (f" --index-url {index}" if index else ""))
+        )
     f = probe["flashinfer"]
     if f["ok"]:
         lines.append((True, False, f"flashinfer {f['info']}"))

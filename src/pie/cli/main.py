@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pie import __version__
+from pie.cli.logs import configure as configure_logging
 from pie.errors import PieError
 
 # subcommand modules under pie.cli, in the order `pie --help` lists them
@@ -27,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=argparse.SUPPRESS,
         help="config file (default: $PIE_HOME/config.toml, PIE_HOME defaults to ~/.pie)",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="show info log messages on stderr (-vv: debug); stdout stays for results",
     )
     parser = argparse.ArgumentParser(
         prog="pie",
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SUPPRESS above keeps a subparser's default from overwriting `pie -c X cmd`
     args.config = getattr(args, "config", None)
+    args.verbose = getattr(args, "verbose", 0)
+    configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -55,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     except PieError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file system problem no command anticipated: the file and why, no traceback
+        if os.environ.get("PIE_DEBUG"):
+            raise
+        what = f" {e.filename}" if e.filename else ""
+        print(f"error:{what}: {e.strerror or e} (PIE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -83,7 +83,10 @@ def _list(args: argparse.Namespace) -> int:
     print(f"  {'MODEL':<{w_id}}  {'TYPE':<{w_type}}  {'SIZE':>8}  DRIVERS / WHY NOT")
     for mark, mid, mtype, size, status in rows:
         print(f"{mark} {mid:<{w_id}}  {mtype:<{w_type}}  {size:>8}  {status}")
-    print(f"HF cache: {hf_cache_dir()}", file=sys.stderr)
+    # A blank line apart from the table (stderr: the table alone stays machine-readable on stdout),
+    # after the table has left stdout's buffer so a shared terminal or 2>&1 keeps the order.
+    sys.stdout.flush()
+    print(f"\nHF cache: {hf_cache_dir()}", file=sys.stderr)
     return 0
 
 

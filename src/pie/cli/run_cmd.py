@@ -106,8 +106,26 @@ def split_rest(args: argparse.Namespace) -> list[str]:
     return rest[1:] if rest[:1] == ["--"] else rest
 
 
+def check_text(value, where: str) -> None:
+    """Rejects strings that are not valid Unicode anywhere in the input (they cannot be tokenized)."""
+    from pie.models.text import unicode_problem
+
+    if isinstance(value, str):
+        if (problem := unicode_problem(value)) is not None:
+            raise UsageError(f"{where} is not valid text: {problem}; pass UTF-8 text")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, f"{where} key")
+            check_text(v, f"{where}[{k!r}]" if where == "--input" else f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
 def build_input(args: argparse.Namespace) -> dict:
     trailing = parse_inferlet_args(split_rest(args))
+    for key, value in trailing.items():
+        check_text(value, f"argument --{key.replace('_', '-')}")
     base: dict = {}
     if args.input is not None:
         try:
@@ -116,6 +134,7 @@ def build_input(args: argparse.Namespace) -> dict:
             raise UsageError(f"--input is not valid JSON: {e}") from None
         if not isinstance(base, dict):
             raise UsageError(f"--input must be a JSON object, got {type(base).__name__}")
+        check_text(base, "--input")
     return {**base, **trailing}
 
 
@@ -161,6 +180,13 @@ async def _run(
                     print(f"pie: stats of model {name!r}: {st}", file=sys.stderr)
             return result
         except PieError:
+            raise
+        except asyncio.CancelledError:  # the first Ctrl-C: asyncio.run cancels us
+            print(
+                "pie: interrupted; stopping the engine (a batch in flight finishes first; "
+                "Ctrl-C again quits now, the driver process dies with pie)",
+                file=sys.stderr,
+            )
             raise
         except Exception as e:  # the inferlet's own bug: its message and where, not our internals
             print(f"error: inferlet failed: {type(e).__name__}: {e}", file=sys.stderr)

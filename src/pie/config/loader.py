@@ -34,7 +34,7 @@ from pie.config.schema import (
     owner_of_option,
 )
 from pie.errors import ConfigError
-from pie.paths import EMBEDDED_MODEL_ID, default_config_path
+from pie.paths import EMBEDDED_MODEL_ID, default_config_path, home_write_error
 
 PREFERRED_REPO = "Qwen/Qwen3-0.6B"  # `pie config init` picks it when it is already in the HF cache
 _DEVICE_RE = re.compile(r"cpu|cuda:\d+")
@@ -105,9 +105,26 @@ def _check_driver(errors: list[str], raw: Any, model_where: str) -> DriverConfig
     options = opt_cls(**check_section(errors, opt_cls, options_raw, opt_where, driver_type=dtype))
     if isinstance(options, DevOptions) and options.venv and options.python:
         errors.append(f"{opt_where}: set either 'venv' or 'python', not both")
+    _check_precision(errors, opt_where, vals.get("activation_dtype"), options, "weight_dtype" in options_raw)
     if len(errors) != n_errors:
         return None
     return DriverConfig(**{**vals, "type": dtype, "device": devices, "options": options})
+
+
+def _check_precision(errors: list[str], where: str, act: str | None, options: Any, explicit: bool) -> None:
+    """Weights must be in the activation dtype (the executor has no mixed precision). A default
+    weight_dtype follows activation_dtype; an explicit different one is an error here, not at start."""
+    weight = options.weight_dtype
+    if act is None or weight in ("auto", act):
+        return
+    if not explicit:
+        options.weight_dtype = act  # e.g. cuda_native's default "bfloat16" with activation_dtype float16
+        return
+    errors.append(
+        f"{where}: weight_dtype = {fmt_value(weight)} with activation_dtype = {fmt_value(act)}: mixed "
+        f'precision is not implemented; set weight_dtype = "auto" (or {fmt_value(act)}), or activation_dtype '
+        f"= {fmt_value(weight)}"
+    )
 
 
 def parse_config(d: dict, source: str) -> PieConfig:
@@ -264,8 +281,11 @@ def to_toml(cfg: PieConfig) -> str:
 def write_config(cfg: PieConfig, path: str | Path | None = None) -> Path:
     """Writes `cfg` atomically (a crash never leaves a half-written file). Returns the path."""
     p = _resolve(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".toml", dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".toml", dir=p.parent)
+    except OSError as e:
+        raise ConfigError(home_write_error(p, e)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(to_toml(cfg))

@@ -4,7 +4,8 @@ Each field carries its default and, in `metadata`, its help text (printed as com
 `pie config show` and used by docs) plus the rules check_section() below applies:
   help: str                 one line, what the value means
   choices: tuple            allowed values
-  gt / ge / le: number      bounds (strict lower, lower, upper)
+  gt / ge / le: number      bounds (strict lower, lower, upper); integers are at most INT_MAX
+                            (2**31 - 1) unless a field sets its own `le`
   pow2: bool                must be a power of two
   unimplemented: callable   value -> True when the value is valid but not implemented yet
 Invariant: a PieConfig built by pie.config.loader has passed every rule, so its consumers
@@ -25,6 +26,8 @@ DRIVER_TYPES = ("cuda_native", "dev")
 ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
 WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "int4", "int8", "float8")
 QUANTIZED_WEIGHT_DTYPES = ("int4", "int8", "float8")
+# Upper bound of every integer option without its own `le`: counts reach the driver as int32.
+INT_MAX = 2**31 - 1
 
 
 def opt(default: Any, help: str, **rules: Any) -> Any:
@@ -56,7 +59,8 @@ class CudaNativeOptions:
     )
     weight_dtype: str = opt(
         "bfloat16",
-        "weight precision: auto (= activation_dtype), float32, float16, bfloat16",
+        "weight precision: auto (= activation_dtype), float32, float16, bfloat16; must equal "
+        "activation_dtype for now (left unset, it follows activation_dtype)",
         choices=WEIGHT_DTYPES,
         unimplemented=_quantized,
     )
@@ -90,7 +94,7 @@ class DevOptions:
     kv_page_size: int = opt(16, "KV cache page size in tokens", ge=1, pow2=True)
     weight_dtype: str = opt(
         "auto",
-        "auto (= activation_dtype), float32, float16, bfloat16",
+        "auto (= activation_dtype), float32, float16, bfloat16; must equal activation_dtype for now",
         choices=WEIGHT_DTYPES,
         unimplemented=_quantized,
     )
@@ -104,6 +108,18 @@ class DevOptions:
         None,
         "cap on the planned KV page count (unset: no cap); a small cap exercises memory pressure on CPU",
         ge=1,
+    )
+    ready_timeout_s: float = opt(
+        600.0, "seconds the driver process may take to load the model and answer ready", gt=0
+    )
+    shutdown_timeout_s: float = opt(
+        5.0, "seconds the driver process may take to exit when asked; then SIGTERM, then SIGKILL", gt=0
+    )
+    heartbeat_timeout_s: float = opt(
+        30.0,
+        "seconds without a heartbeat from the driver process (a thread beside the model: long batches "
+        "keep beating) before it counts as wedged, is killed, and its passes fail",
+        gt=0,
     )
 
 
@@ -247,6 +263,10 @@ def _check_value(errors: list[str], where: str, key: str, value: Any, hint: Any,
     )
     if bad_range:
         errors.append(f"{where}: '{key}' must be {_range_text(meta)}, got {fmt_value(value)}")
+        return BAD
+    if hint in (int, int | None) and "le" not in meta and abs(value) > INT_MAX:
+        # counts travel to the driver as 32-bit integers (msgpack, CUDA index tensors)
+        errors.append(f"{where}: '{key}' must be at most {INT_MAX}, got {value}")
         return BAD
     if meta.get("pow2") and value & (value - 1):
         errors.append(f"{where}: '{key}' must be a power of two (e.g. 16 or 32), got {value}")

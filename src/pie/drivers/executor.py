@@ -340,12 +340,15 @@ class ModelExecutor:
         dev = self.device
         out = sample(logits, SamplingParams.from_batch(batch, dev), batch.return_logprobs)
         self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
+        # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
+        # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
+        host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
         keep_rows = np.flatnonzero(batch.return_logits)
         kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
         # the single device -> host transfer point: asynchronous copies into pinned memory, waited for
         # by the returned function (an event, not a device-wide sync)
         fields = {
-            "tokens": (out.tokens, np.int64),
+            "tokens": (host_tokens, np.int64),
             "logprobs": (out.logprobs, np.float32),
             "entropies": (out.entropies, np.float32),
             "logits": (kept, np.float32),
@@ -364,8 +367,24 @@ class ModelExecutor:
         def result() -> ForwardResult:
             if event is not None:
                 event.synchronize()
-            return ForwardResult(
+            res = ForwardResult(
                 **{k: None if t is None else t.numpy().astype(dt, copy=False) for k, (t, dt) in host.items()}
             )
+            if (res.tokens < 0).any():
+                raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
+            return res
 
         return result
+
+
+def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+    hint = (
+        'float16 activations overflow easily: try activation_dtype = "bfloat16" or "float32"'
+        if spec.activation_dtype == "float16"
+        else "check the checkpoint's weights (pie model list / pie doctor) and the prompt's positions"
+    )
+    return (
+        f"the model produced NaN logits for {len(rows)} of {num_rows} output rows (rows {shown}); "
+        f"the forward pass failed instead of sampling from them; {hint}"
+    )

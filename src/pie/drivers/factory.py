@@ -13,6 +13,7 @@ from pie.errors import ConfigError
 
 
 def executor_spec(entry: ModelEntry) -> ExecutorSpec:
+    from pie.models.check import check_model_dir
     from pie.models.config import read_model_config
     from pie.models.hub import resolve_model_dir
 
@@ -23,7 +24,9 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
             "set tensor_parallel_size = 1 and a single device"
         )
     model_path = resolve_model_dir(entry.hf_repo)
-    # Fail here, before a driver process starts, on a checkpoint the executor would reject.
+    # Fail here, before a driver process starts, on a checkpoint the executor would reject
+    # (config normalization, safetensors headers; the tokenizer is the engine's).
+    check_model_dir(model_path, tokenizer=False)
     model_config = read_model_config(model_path)
     common = dict(
         model_path=str(model_path),
@@ -92,4 +95,11 @@ def create_driver(entry: ModelEntry, in_process: bool = False) -> Driver:
         )
     from pie.drivers.dev.client import DevDriver
 
-    return DevDriver(spec, python=o.python, venv=o.venv, ready_timeout_s=600, shutdown_timeout_s=5)
+    return DevDriver(
+        spec,
+        python=o.python,
+        venv=o.venv,
+        ready_timeout_s=o.ready_timeout_s,
+        shutdown_timeout_s=o.shutdown_timeout_s,
+        heartbeat_timeout_s=o.heartbeat_timeout_s,
+    )

@@ -107,6 +107,25 @@ def plan_num_pages(
     return int(n)
 
 
+def capacity_hint(entry, source: str = "") -> str:
+    """What to change when the KV pages of config model `entry` (a pie.config.ModelEntry) run out.
+
+    Names only keys that act on its driver and device: on CPU the KV budget is host memory (above),
+    and gpu_mem_utilization has no effect there."""
+    d, o = entry.driver, entry.driver.options
+    where = f" in the driver options of model {entry.name!r}" + (f" in {source}" if source else "")
+    cap = getattr(o, "max_num_kv_pages", None)  # cuda_native always; dev where the option exists
+    if d.device[0].startswith("cpu"):
+        raise_cap = f"raise max_num_kv_pages (now {cap}){where}, or " if cap else ""
+        return (
+            f"{raise_cap}free host memory: on cpu the KV cache gets min({HOST_BUDGET_MAX // GiB} GiB, "
+            f"{HOST_BUDGET_FRACTION:.0%} of available RAM) when the driver starts (gpu_mem_utilization has "
+            "no effect on cpu); shorter prompts or fewer concurrent contexts also help"
+        )
+    keys = "max_num_kv_pages or gpu_mem_utilization" if cap is not None else "gpu_mem_utilization"
+    return f"raise {keys}{where}"
+
+
 def host_available_bytes() -> int:
     """Available host RAM: MemAvailable from /proc/meminfo, else free physical pages (non-Linux)."""
     try:

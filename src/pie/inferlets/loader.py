@@ -49,6 +49,12 @@ def load_inferlet(what: str | Path | ModuleType | Callable) -> InferletMain:
 
 
 def _import_file(path: Path) -> ModuleType:
+    # The file's directory goes on the import path, as `python file.py` does, so the inferlet can
+    # import helper modules beside it (`import prompts` for ./prompts.py). It stays there: imports
+    # inside main() run later.
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     # a unique module name per file so two inferlets with the same file name do not collide
     mod_name = f"pie_inferlet_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(mod_name, path)

@@ -9,7 +9,6 @@ it at import time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pie.errors import ModelError
+from pie.models.check import (
+    config_problem,
+    read_config_json,
+    tokenizer_problem,
+    weights_problems,
+)
 from pie.paths import EMBEDDED_MODEL_ID, embedded_model_dir
 
 if TYPE_CHECKING:
@@ -25,7 +30,6 @@ if TYPE_CHECKING:
     from pie.config.schema import PieConfig
 
 DRIVERS = ("cuda_native", "dev")  # for now both drivers run every registered architecture
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # either one is enough to build a tokenizer
 # What `pie model download` fetches (root files only: see the ignore pattern in download()).
 DOWNLOAD_PATTERNS = [
     "config.json",
@@ -145,25 +149,30 @@ def _dir_size(p: Path) -> int:
 def inspect_dir(
     model_id: str, source: str, path: Path, supported_types: list[str] | None = None
 ) -> ModelInfo:
-    """Support status of the checkpoint in `path` (pass supported_types to avoid re-importing the registry)."""
+    """Support status of the checkpoint in `path` (pass supported_types to avoid re-importing the registry).
+
+    ✓ (supported) means it runs: config.json normalizes as the executor reads it, tokenizer files are
+    there, and every safetensors header is readable (pie.models.check; headers only, milliseconds).
+    """
     info = ModelInfo(model_id, source, path)
     try:
-        cfg = json.loads((path / "config.json").read_text())
-        info.model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
-    except FileNotFoundError:
-        info.reasons.append("missing config.json")
-    except (OSError, ValueError) as e:
-        info.reasons.append(f"unreadable config.json ({e})")
+        info.model_type = read_config_json(path).get("model_type")
+    except ModelError as e:
+        info.reasons.append(str(e))
     else:
         if not info.model_type:
-            info.reasons.append("config.json has no model_type")
+            info.reasons.append(f"{path / 'config.json'} has no model_type; is it a causal LM checkpoint?")
     types = supported_types if supported_types is not None else _supported_types()
-    if info.model_type and types is not None and info.model_type not in types:
-        info.reasons.append(f"unsupported model_type '{info.model_type}'")
-    if not any(path.glob("*.safetensors")):
-        info.reasons.append("missing safetensors")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        info.reasons.append("missing tokenizer")
+    if info.model_type and types is not None:
+        if info.model_type not in types:
+            info.reasons.append(
+                f"unsupported model_type '{info.model_type}' (pie runs: {', '.join(sorted(types))})"
+            )
+        elif (problem := config_problem(path)) is not None:
+            info.reasons.append(problem)
+    if (problem := tokenizer_problem(path)) is not None:
+        info.reasons.append(problem)
+    info.reasons += weights_problems(path)
     if info.reasons:
         info.supported = False
     elif types is not None:

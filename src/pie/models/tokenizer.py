@@ -25,6 +25,14 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise ModelError(f"tokenizer directory {path} does not exist")
+        from pie.models.check import read_config_json, tokenizer_problem
+
+        # Say what is really wrong: transformers reads config.json too and would report a broken
+        # one as a tokenizer failure, and without tokenizer files it may load a useless tokenizer.
+        if (path / "config.json").exists():
+            read_config_json(path)
+        if (problem := tokenizer_problem(path)) is not None:
+            raise ModelError(problem)
         from transformers import AutoTokenizer
 
         try:
@@ -39,7 +47,30 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of `text`. Special-token strings in it ("<|im_end|>") become control tokens,
+        except inside the `plain` spans of a pie.sdk.chat.ChatText (message contents), which are
+        tokenized as the plain text they are."""
+        from pie.models.text import unicode_problem
+
+        if (problem := unicode_problem(text)) is not None:
+            raise ModelError(
+                f"cannot tokenize text: {problem}; decode input bytes as UTF-8 (errors='replace' keeps "
+                "going past bad bytes) before passing them to pie"
+            )
+        plain = getattr(text, "plain", ())
+        if not plain:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        ids: list[int] = []
+        pos = 0
+        for a, b in [*plain, (len(text), len(text))]:
+            if a > pos:  # the template's own text: its special tokens are structure
+                ids += self.hf.encode(str(text[pos:a]), add_special_tokens=False)
+            if b > a:
+                ids += self.hf.encode(str(text[a:b]), add_special_tokens=False, split_special_tokens=True)
+            pos = max(pos, b)
+        if add_special_tokens:
+            ids = self.hf.build_inputs_with_special_tokens(ids)
+        return [int(i) for i in ids]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(

@@ -84,15 +84,14 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     shard_seen: dict[str, set] = {}
     files = checkpoint_files(model_dir)
     total = 0
-    if progress:  # headers only: the bar knows its total from the first frame
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                total += len(f.keys())
+    for path in files:  # headers only: a broken file fails here, by name; the bar knows its total
+        with _open(path, "cpu") as f:
+            total += len(f.keys())
     with tqdm(
         desc="loading weights", unit="tensor", total=total or None, file=sys.stderr, disable=not progress
     ) as bar:
         for path in files:
-            with safe_open(str(path), framework="pt", device=st_device) as f:
+            with _open(path, st_device) as f:
                 keys = list(f.keys())
                 key_set = set(keys)
                 for key in keys:
@@ -130,6 +129,18 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
         shown = ", ".join(_checkpoint_names(n, packed, shard_seen.get(n, set())) for n in missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
+
+
+def _open(path: Path, device: str):
+    """safe_open, with a ModelError naming the file when its header is unreadable (truncated, empty)."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as e:  # safetensors' SafetensorError is not importable by name across versions
+        size = path.stat().st_size if path.exists() else 0
+        raise ModelError(
+            f"{path} is not a readable safetensors file ({e}; {size} bytes): truncated or corrupt; "
+            "re-download the model"
+        ) from None
 
 
 def _dequantized(f, key: str, keys: set[str], tensor: torch.Tensor) -> torch.Tensor:

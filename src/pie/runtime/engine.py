@@ -118,13 +118,9 @@ class Engine:
         return create_driver(entry, in_process=self.in_process), tokenizer
 
     def _hint(self, entry) -> str:
-        where = f" in {self.config.source}" if self.config.source else ""
-        keys = (
-            "max_num_kv_pages or gpu_mem_utilization"
-            if entry.driver.type == "cuda_native"
-            else "gpu_mem_utilization"
-        )
-        return f"raise {keys} in the driver options of model {entry.name!r}{where}"
+        from pie.drivers.kv_plan import capacity_hint  # knows which keys act on the entry's device
+
+        return capacity_hint(entry, self.config.source)
 
     async def _start_model(self, name: str, driver: Driver, tok: Tokenizer | None, hint: str) -> None:
         t0 = time.monotonic()

@@ -9,6 +9,11 @@ buffer (for error messages) and on to our stderr, prefixed `[dev-driver] `.
 Invariant: once the child is gone (exit, crash, kill, closed channel), every forward in flight
 and every later one fails promptly with a DriverError naming the exit status and the output tail.
 Two watchers make that hold: the socket reader (EOF) and proc.wait() (exit); whichever fires first.
+A child that is alive but wedged (stopped, deadlocked) stops its heartbeat (a thread beside the
+model, pie.drivers.dev.heartbeat, so a long batch keeps beating): after heartbeat_timeout_s without
+one it is killed, which the two watchers then report. shutdown() asks the child to exit, then
+sends SIGTERM after shutdown_timeout_s and SIGKILL after a further grace; the child also dies with
+its parent (Linux), so no driver outlives pie.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import codecs
 import collections
 import itertools
+import os
 import re
 import signal
 import socket
@@ -26,7 +32,8 @@ from collections.abc import Callable
 
 from pie.drivers.base import Driver
 from pie.drivers.dev import wire
-from pie.drivers.dev.interpreter import child_env, resolve_python
+from pie.drivers.dev.heartbeat import HeartbeatMonitor, beat_interval
+from pie.drivers.dev.interpreter import child_env, choose_another_hint, missing_module, resolve_python
 from pie.drivers.dev.server import DEFAULT_EXECUTOR
 from pie.drivers.protocol import (
     PROTOCOL_VERSION,
@@ -119,10 +126,14 @@ class DevDriver(Driver):
         ready_timeout_s: float = 600.0,
         shutdown_timeout_s: float = 5.0,
         executor: str | None = None,
+        heartbeat_timeout_s: float | None = 30.0,
     ):
         self.spec = spec
         self.python, self.venv = python, venv
         self.ready_timeout_s, self.shutdown_timeout_s = ready_timeout_s, shutdown_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s  # None: no liveness check
+        self._heartbeat: HeartbeatMonitor | None = None
+        self._wedged: str | None = None  # why the watchdog killed the child
         self.executor = executor or DEFAULT_EXECUTOR
         self.interpreter: str | None = None  # resolved at start()
         self.interpreter_rule: str | None = None
@@ -146,26 +157,45 @@ class DevDriver(Driver):
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
         cmd = [self.interpreter, "-m", "pie.drivers.dev.server", "--fd", str(fd), "--executor", self.executor]
+        cmd += ["--parent-pid", str(os.getpid())]
+        pass_fds = [fd]
+        beat_r = beat_w = None
+        if self.heartbeat_timeout_s is not None:
+            beat_r, beat_w = os.pipe()
+            pass_fds.append(beat_w)
+            cmd += [
+                "--heartbeat-fd",
+                str(beat_w),
+                "--heartbeat-s",
+                f"{beat_interval(self.heartbeat_timeout_s):g}",
+            ]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(fd,),
+                pass_fds=pass_fds,
                 env=child_env(),
             )
         except OSError as e:
             parent_sock.close()
+            if beat_r is not None:
+                os.close(beat_r)
             raise DriverError(
                 f"cannot run the dev driver interpreter {self.interpreter} (chosen by {self.interpreter_rule}): {e}"
             ) from e
         finally:
             child_sock.close()  # the child holds its own copy; ours would hide its EOF
+            if beat_w is not None:
+                os.close(beat_w)
         try:
             self._reader, self._writer = await asyncio.open_connection(sock=parent_sock)
             self._tasks["output"] = asyncio.create_task(self._pump_output())
             self._tasks["exit"] = asyncio.create_task(self.proc.wait())
+            if beat_r is not None:
+                self._heartbeat = HeartbeatMonitor(beat_r)
+                self._tasks["heartbeat"] = asyncio.create_task(self._watch_heartbeat())
             caps = await self._handshake()
         except BaseException:
             await self._kill()
@@ -188,6 +218,8 @@ class DevDriver(Driver):
             if exit_task.done() and not read.done():
                 # It exited; a final error frame may still be in the socket buffer.
                 await asyncio.wait({read}, timeout=DRAIN_S)
+            if self._wedged is not None:  # the heartbeat watchdog killed it
+                raise DriverError(await self._failure(self._wedged, status=False))
             if not read.done():
                 if exit_task.done():
                     raise DriverError(await self._failure("exited before it was ready"))
@@ -216,20 +248,28 @@ class DevDriver(Driver):
         return Capabilities.from_wire(msg["capabilities"])
 
     async def shutdown(self) -> None:
-        """Ask the child to exit; kill it after shutdown_timeout_s. Idempotent."""
+        """Ask the child to exit; SIGTERM after shutdown_timeout_s, SIGKILL after DRAIN_S more.
+
+        Idempotent. Forwards still in flight fail with DriverError ("shut down")."""
         if self.proc is None or self._closing:
             return
         self._closing = True
         if self._dead is None and self.proc.returncode is None:
+            t0 = asyncio.get_running_loop().time()
             try:
                 wire.write_frame(self._writer, wire.shutdown())
                 await asyncio.wait_for(self._writer.drain(), self.shutdown_timeout_s)
             except (ConnectionError, TimeoutError):
                 pass  # dead or wedged: the wait below decides
-            if not await self._wait_exit(self.shutdown_timeout_s):
+            left = max(0.0, self.shutdown_timeout_s - (asyncio.get_running_loop().time() - t0))
+            if not await self._wait_exit(left):
                 print(
-                    f"{PREFIX}did not exit within {self.shutdown_timeout_s:g} s; killing it", file=sys.stderr
+                    f"{PREFIX}did not exit within {self.shutdown_timeout_s:g} s (shutdown_timeout_s); "
+                    "terminating it",
+                    file=sys.stderr,
                 )
+                self._signal(signal.SIGTERM)
+                await self._wait_exit(DRAIN_S)  # a stopped process keeps SIGTERM pending: SIGKILL below
         await self._kill()
         watch = self._tasks.get("watch")
         if watch is not None:
@@ -241,6 +281,8 @@ class DevDriver(Driver):
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         if self._writer is not None:
             self._writer.close()
 
@@ -316,6 +358,8 @@ class DevDriver(Driver):
         await self._wait_exit(None)
         if self._closing:
             self._dead = "dev driver was shut down"
+        elif self._wedged is not None:
+            self._dead = await self._failure(self._wedged, status=False)
         elif self._channel_error is not None:
             self._dead = await self._failure(f"broke the channel ({self._channel_error}); stopped it")
         else:
@@ -323,6 +367,21 @@ class DevDriver(Driver):
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(DriverError(self._dead))
+
+    async def _watch_heartbeat(self) -> None:
+        """Kills a child whose heartbeat stopped (SIGSTOP, a deadlock); the exit watchers then fail its work."""
+        timeout = self.heartbeat_timeout_s
+        while self.proc.returncode is None:
+            await asyncio.sleep(min(beat_interval(timeout), 1.0))
+            stale = self._heartbeat.stale_for()
+            if stale > timeout and self.proc.returncode is None and not self._closing:
+                self._wedged = (
+                    f"stopped answering: no heartbeat for {stale:.1f} s (heartbeat_timeout_s = {timeout:g}; "
+                    f"stopped, or stuck in the interpreter); killed it"
+                )
+                print(f"{PREFIX}{self._wedged}", file=sys.stderr)
+                await self._kill()
+                return
 
     async def _pump_output(self) -> None:
         stream = self.proc.stdout
@@ -340,12 +399,19 @@ class DevDriver(Driver):
         await asyncio.wait({exit_task}, timeout=timeout)
         return exit_task.done()
 
-    async def _kill(self) -> None:
+    def _signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
+            # os.kill, not proc.send_signal: Popen.send_signal polls first, and that poll can reap
+            # the child under asyncio's watcher (which then reports status 255). A zombie takes
+            # signals harmlessly and its pid is not reused before the watcher reaps it.
             try:
-                self.proc.kill()
+                os.kill(self.proc.pid, sig)
             except ProcessLookupError:
                 pass
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self._signal(signal.SIGKILL)
             await self.proc.wait()
 
     async def _wait_output(self) -> None:
@@ -360,7 +426,16 @@ class DevDriver(Driver):
         suffix = ""
         if status and self.proc is not None and self.proc.returncode is not None and "status" not in what:
             suffix = f" ({describe_status(self.proc.returncode)})"
+        hint = ""
+        module = missing_module("\n".join(self.tail.lines) + self.tail._partial)
+        if module is not None:
+            # The usual first-run failure: an interpreter without pie's dependencies.
+            hint = (
+                f"\n  {self.interpreter} cannot import {module!r}, which pie's dev driver needs: install "
+                f"pie's dependencies there (`pie driver dev doctor --python {self.interpreter}` prints the "
+                f"command), or {choose_another_hint()}"
+            )
         return (
             f"dev driver {what}{suffix}\n"
-            f"  interpreter: {self.interpreter} (chosen by {self.interpreter_rule})\n{self.tail.text()}"
+            f"  interpreter: {self.interpreter} (chosen by {self.interpreter_rule}){hint}\n{self.tail.text()}"
         )

@@ -4,8 +4,10 @@ Resolution order (first that applies wins; see `resolve_python`):
   1. the model's own option: `venv` (VENV/bin/python) or `python` (an interpreter path or name)
   2. the `pie driver dev set venv|python` setting, stored in $PIE_HOME/dev-driver.toml
   3. $PIE_PYTHON
-  4. the active virtualenv: $VIRTUAL_ENV/bin/python
-  5. `python3` on PATH
+  4. the active virtualenv: $VIRTUAL_ENV/bin/python, else the virtualenv pie itself runs in
+     (sys.executable when sys.prefix != sys.base_prefix: `venv/bin/pie` run without activating
+     the venv, a pipx install)
+  5. `python3` on PATH (only when pie runs outside any virtualenv)
 The first rule that applies decides; a missing interpreter is an error naming that rule,
 never a silent fall-through to the next rule (so a typo does not run the wrong environment).
 
@@ -17,7 +19,9 @@ flashinfer, the model code is shared with the in-process driver.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import tomli_w
 
 import pie
 from pie.errors import ConfigError, DriverError
-from pie.paths import pie_home
+from pie.paths import home_write_error, pie_home
 
 SETTINGS_FILE = "dev-driver.toml"
 SETTING_KEYS = ("venv", "python")
@@ -59,12 +63,18 @@ def write_settings(key: str | None, value: str | None) -> Path:
     """Record one choice (replacing any previous one); key None clears the setting."""
     path = settings_path()
     if key is None:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise ConfigError(home_write_error(path, e)) from None
         return path
     if key not in SETTING_KEYS:
         raise ConfigError(f"unknown dev driver setting {key!r}; use one of {', '.join(SETTING_KEYS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps({key: value}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps({key: value}))
+    except OSError as e:
+        raise ConfigError(home_write_error(path, e)) from None
     return path
 
 
@@ -117,6 +127,10 @@ def resolve_python(
     if active:
         hint = "the active virtualenv looks broken; deactivate it or choose one: pie driver dev set venv PATH"
         return _check(venv_python(active), "$VIRTUAL_ENV (the active virtualenv)", hint), "VIRTUAL_ENV"
+    if own_venv() is not None:
+        # pie runs from a venv that is not activated (venv/bin/pie, pipx): that venv has pie's
+        # dependencies, python3 on PATH most likely does not.
+        return sys.executable, "pie's own virtualenv"
     found = shutil.which("python3")
     if found is None:
         raise DriverError(
@@ -124,6 +138,25 @@ def resolve_python(
             "run `pie driver dev install --run` or `pie driver dev set python PATH`"
         )
     return found, "python3 on PATH"
+
+
+def own_venv() -> Path | None:
+    """The virtualenv this pie runs in (activated or not), or None outside any virtualenv."""
+    return Path(sys.prefix) if sys.prefix != sys.base_prefix else None
+
+
+def choose_another_hint() -> str:
+    """How to make the dev driver run a different interpreter (for error messages)."""
+    return (
+        "choose another with `pie driver dev set venv PATH` / `pie driver dev set python PATH`, "
+        "$PIE_PYTHON, or the model option venv / python; or create one: `pie driver dev install --run`"
+    )
+
+
+def missing_module(output: str) -> str | None:
+    """The module name of the last `No module named 'X'` in a child's output, or None."""
+    found = re.findall(r"No module named '([^']+)'", output)
+    return found[-1] if found else None
 
 
 def pie_import_root() -> Path:

@@ -1,6 +1,7 @@
 """The dev driver's child process: builds a ModelExecutor and serves forward passes and page ops over a socket.
 
     python -m pie.drivers.dev.server --fd N [--executor module:callable]
+        [--heartbeat-fd M --heartbeat-s S] [--parent-pid P]
 
 fd N is this end of a connected socketpair (passed with pass_fds); stdout/stderr are plain
 logs that the parent captures. One thread, one request at a time, in arrival order: the
@@ -10,12 +11,17 @@ parent may pipeline several forwards and page ops, the executor still sees them 
 A forward that raises (a BatchError, a ValueError from the model code, ...) is answered with an
 error for that request only and the server keeps serving; only the channel closing, a shutdown
 message or the process dying ends it.
+
+Liveness is out of band (pie.drivers.dev.heartbeat): a thread beats on the --heartbeat-fd pipe
+while the main thread computes. With --parent-pid the child dies with its parent (Linux
+PR_SET_PDEATHSIG), so a parent killed mid-shutdown never leaves a driver behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import socket
 import sys
@@ -23,6 +29,7 @@ import traceback
 from collections.abc import Callable
 
 from pie.drivers.dev import wire
+from pie.drivers.dev.heartbeat import start_beating
 from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, ForwardBatch, PageOps
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import PieError
@@ -106,11 +113,37 @@ def serve(chan: wire.SyncChannel, executor) -> int:
         chan.send(reply)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL us when the parent dies (Linux); exit now if it already has. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        log("parent is gone; exiting")
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pie.drivers.dev.server")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socketpair to the parent")
     parser.add_argument("--executor", default=DEFAULT_EXECUTOR, help="module:callable building the executor")
+    parser.add_argument("--heartbeat-fd", type=int, help="write end of the parent's liveness pipe")
+    parser.add_argument("--heartbeat-s", type=float, default=1.0, help="seconds between heartbeats")
+    parser.add_argument("--parent-pid", type=int, help="die with this process (Linux)")
     args = parser.parse_args(argv)
+    from pie.cli.logs import configure as configure_logging
+
+    configure_logging()  # the parent's -v level, from $PIE_LOG_LEVEL; records go to our (echoed) stderr
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
+    if args.heartbeat_fd is not None:
+        start_beating(args.heartbeat_fd, args.heartbeat_s)  # from now on, through the model load
     # Ctrl-C reaches the whole process group; the parent owns our lifetime (shutdown message or
     # EOF), so a terminal interrupt must not kill us mid-forward with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
