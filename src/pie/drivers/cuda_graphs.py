@@ -228,7 +228,7 @@ class DecodeGraphRunner:
         # Host-only: FlashInfer's plan() reads these on the host and copies them into its own buffers.
         self._indptr_host = torch.zeros(bmax + 1, dtype=torch.int32, **pin)
         self._last_host = torch.ones(bmax, dtype=torch.int32, **pin)
-        self._staged = torch.cuda.Event() if cuda else None  # recorded after each replay
+        self._staged = torch.cuda.Event() if cuda else None  # recorded after each step's input copies
         self._stream = torch.cuda.Stream(device=self.device) if cuda and capture else None
         self._pool = torch.cuda.graph_pool_handle() if cuda and capture else None
 
@@ -263,8 +263,10 @@ class DecodeGraphRunner:
                 feed(self._ids_pos[0, :R])
             bucket.attn.plan(bucket.meta)
             if self.capture:
-                bucket.graph.replay()
+                # recorded before the replay: the next step may restage once this step's copies (staging,
+                # plan) have run, while this step's graph still runs (the driver launches ahead)
                 self._staged.record()
+                bucket.graph.replay()
             else:
                 bucket.logits = self._forward(bucket)
         self.stats.replays += 1

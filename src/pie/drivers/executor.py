@@ -179,6 +179,8 @@ class ModelExecutor:
             layer_params=self.layer_params,
         )
         self._prev_tokens: torch.Tensor | None = None  # sampled tokens of the last batch, on the device
+        # recorded after an eager pass's attention plan: its host staging may be reused once it has run
+        self._planned: torch.cuda.Event | None = None
         self.graphs = None  # DecodeGraphRunner when CUDA graphs are on
         if scratch_pages:
             from pie.drivers.cuda_graphs import flashinfer_graph_runner
@@ -280,8 +282,7 @@ class ModelExecutor:
                 logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
                 self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
-                empty = ForwardResult(tokens=np.zeros(0, dtype=np.int64))
-                return lambda: empty
+                return _Pending(None, {"tokens": (torch.zeros(0, dtype=torch.int64), np.int64)}, self.spec)
             return self._sample(batch, logits)
 
     def _feeder(self, rows: np.ndarray, prev: torch.Tensor | None):
@@ -323,7 +324,12 @@ class ModelExecutor:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
         dev = self.device
         meta = AttentionMetadata.from_batch(batch, self.spec.page_size, dev)
+        if self._planned is not None:  # the previous pass's plan copies have left the backend's buffers
+            self._planned.synchronize()
         self.backend.plan(meta)
+        if dev.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
         input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
         if feed is not None:
@@ -364,17 +370,29 @@ class ModelExecutor:
             event = torch.cuda.Event()
             event.record()
 
-        def result() -> ForwardResult:
-            if event is not None:
-                event.synchronize()
-            res = ForwardResult(
-                **{k: None if t is None else t.numpy().astype(dt, copy=False) for k, (t, dt) in host.items()}
-            )
-            if (res.tokens < 0).any():
-                raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
-            return res
+        return _Pending(event, host, self.spec)
 
-        return result
+
+class _Pending:
+    """A launched pass: call it to wait for its results (an event, not a device-wide sync)."""
+
+    __slots__ = ("event", "host", "spec")
+
+    def __init__(self, event, host: dict, spec) -> None:
+        self.event, self.host, self.spec = event, host, spec
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def __call__(self) -> ForwardResult:
+        if self.event is not None:
+            self.event.synchronize()
+        res = ForwardResult(
+            **{k: None if t is None else t.numpy().astype(dt, copy=False) for k, (t, dt) in self.host.items()}
+        )
+        if (res.tokens < 0).any():
+            raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
+        return res
 
 
 def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:

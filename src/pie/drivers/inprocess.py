@@ -1,29 +1,41 @@
 """A driver that runs the ModelExecutor in this process, on one worker thread.
 
-The executor is built and every batch and page movement executed on the same single thread (FIFO),
-so forward and page_ops calls run in submission order and the event loop stays free to schedule the next batch while
-torch works (torch releases the GIL inside its kernels).
+The executor is built, and every batch and page movement executed, on one thread that takes jobs in
+submission order, so forward and page_ops run in that order. A forward pass is *launched* (queued on the
+device, its results copied to pinned memory asynchronously) and waited for only when no further job is
+queued or two passes are already launched: while the device runs step N, the worker launches step N+1.
+Results go back to the event loop with call_soon_threadsafe: one wake-up per pass, no thread hand-offs
+in between (torch releases the GIL while the worker waits on the device).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future as ThreadFuture
 
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError, PieError
 
+_MAX_LAUNCHED = 2  # passes queued on the device before the worker waits for the oldest
+# The event loop's Python (scheduling the next batch) and the worker's (launching it) share the GIL; the
+# default 5 ms switch interval would let one hold up the other for a whole decode step.
+_SWITCH_INTERVAL_S = 0.0002
+_POLL_S = 0.0001  # how often a waiting worker checks whether the oldest launched pass is done
+
 
 class InProcessDriver(Driver):
     def __init__(self, spec: ExecutorSpec) -> None:
         self.spec = spec
         self.executor = None  # pie.drivers.executor.ModelExecutor once started
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver")
-        # waits for launched batches, so the driver thread can launch the next one meanwhile (FIFO)
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pie-driver-wait")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._closed = False
 
     @classmethod
@@ -32,19 +44,61 @@ class InProcessDriver(Driver):
         d = cls(executor.spec)
         d.executor = executor
         d.capabilities = executor.capabilities
+        d._start_thread()
         return d
 
-    def _build(self):
-        from pie.drivers.executor import ModelExecutor
+    # ---- the worker ------------------------------------------------------------------------------
+    def _start_thread(self) -> None:
+        sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL_S))
+        self._thread = threading.Thread(target=self._work, name="pie-driver", daemon=True)
+        self._thread.start()
 
-        return ModelExecutor(self.spec, progress=True)
+    def _submit(self, kind: str, arg) -> ThreadFuture:
+        fut: ThreadFuture = ThreadFuture()
+        self._jobs.put((kind, arg, fut))
+        return fut
 
+    def _work(self) -> None:
+        launched: deque = deque()  # (pending pass, future) on the device, oldest first
+        while True:
+            if launched:
+                if len(launched) >= _MAX_LAUNCHED or launched[0][0].ready():
+                    wait, fut = launched.popleft()
+                    _settle(fut, wait)  # delivered as soon as it is done
+                    continue
+                try:  # the oldest pass still runs: take the next job meanwhile, or look again shortly
+                    kind, arg, fut = self._jobs.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+            else:
+                kind, arg, fut = self._jobs.get()
+            if kind == "stop":
+                while launched:
+                    wait, f = launched.popleft()
+                    _settle(f, wait)
+                _settle(fut, arg)
+                return
+            if kind == "forward":
+                try:
+                    launched.append((self.executor.launch(arg), fut))
+                except BaseException as e:
+                    fut.set_exception(e)
+                continue
+            while launched:  # page movements and calls see every launched pass done
+                wait, f = launched.popleft()
+                _settle(f, wait)
+            _settle(fut, arg)
+
+    async def _call(self, kind: str, arg):
+        return await asyncio.wrap_future(self._submit(kind, arg))
+
+    # ---- the Driver interface ------------------------------------------------------------------------
     async def start(self) -> Capabilities:
         if self.executor is not None:
             raise DriverError("driver already started")
-        loop = asyncio.get_running_loop()
+        self._start_thread()
         try:
-            self.executor = await loop.run_in_executor(self._pool, self._build)
+            self.executor = await self._call("call", self._build)
         except PieError:
             raise
         except Exception as e:
@@ -54,13 +108,16 @@ class InProcessDriver(Driver):
         self.capabilities = self.executor.capabilities
         return self.capabilities
 
+    def _build(self):
+        from pie.drivers.executor import ModelExecutor
+
+        return ModelExecutor(self.spec, progress=True)
+
     async def forward(self, batch: ForwardBatch) -> ForwardResult:
         if self.executor is None or self._closed:
             raise DriverError("the driver is not running (not started, or shut down)")
-        loop = asyncio.get_running_loop()
         try:
-            done = await loop.run_in_executor(self._pool, self.executor.launch, batch)
-            return await loop.run_in_executor(self._waiter, done)
+            return await self._call("forward", batch)
         except (PieError, BatchError):
             raise
         except Exception as e:  # e.g. CUDA out of memory: this batch fails, the driver stays up
@@ -69,9 +126,8 @@ class InProcessDriver(Driver):
     async def page_ops(self, ops: PageOps) -> PageOpsResult:
         if self.executor is None or self._closed:
             raise DriverError("the driver is not running (not started, or shut down)")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self.executor.page_ops, ops)
+            return await self._call("call", lambda: self.executor.page_ops(ops))
         except (PieError, BatchError):
             raise
         except Exception as e:
@@ -81,10 +137,11 @@ class InProcessDriver(Driver):
         if self._closed:
             return
         self._closed = True
-        # wait for a batch still running, then drop the executor (weights, KV cache) on its thread
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._release)
-        self._pool.shutdown(wait=True)
-        self._waiter.shutdown(wait=True)
+        if self._thread is None:
+            return
+        # passes still launched finish first; then the executor (weights, KV cache) goes on its thread
+        await asyncio.wrap_future(self._submit("stop", self._release))
+        self._thread.join()
 
     def _release(self) -> None:
         mover = getattr(self.executor, "page_mover", None)
@@ -99,3 +156,10 @@ class InProcessDriver(Driver):
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def _settle(fut: ThreadFuture, fn) -> None:
+    try:
+        fut.set_result(fn())
+    except BaseException as e:
+        fut.set_exception(e)
