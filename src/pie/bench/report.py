@@ -78,6 +78,7 @@ def build_record(
             "mean_kv_len": d.mean_kv_len,
             "bytes_per_step": floors.decode_step_bytes(cfg, d.batch, d.mean_kv_len, nbytes),
             "repeat_step_ms": [t * 1e3 for t in d.step_times],
+            "launch_host_ms": d.launch_s * 1e3,
         }
         if d.batch == 1:
             figures.append(

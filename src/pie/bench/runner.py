@@ -63,6 +63,7 @@ class DecodeFigure:
     step_s: float  # median seconds per decode step
     mean_kv_len: float  # mean KV length (after append) over the timed steps
     step_times: list[float] = field(default_factory=list)
+    launch_s: float = 0.0  # median host time of launching one step (before waiting on the device)
 
 
 @dataclass
@@ -211,12 +212,23 @@ def run_decode(executor, batch: int, opts: BenchOptions, vocab: int, rng, progre
         it = iter(chunk)
         times.append(_timed(lambda it=it: executor.execute(next(it)), device, len(chunk)))
         kv_lens.extend(int(b.kv_lens(opts.page_size)[0]) for b in chunk)
+    # host time of launching a step (everything the executor does before waiting on the device), which
+    # the runtime's own host work must share a step with
+    launch = []
+    for b in steps[opts.warmup : opts.warmup + opts.steps]:
+        synchronize(device)
+        t0 = time.perf_counter()
+        wait = executor.launch(b)
+        launch.append(time.perf_counter() - t0)
+        wait()
     if opts.profile_path and batch == opts.profile_batch:
         try:
             write_profile(executor, steps[-1], opts.profile_path, progress)
         except (RuntimeError, OSError) as e:  # a profiler (CUPTI) or file failure must not cost the figures
             progress(f"profile not written: {type(e).__name__}: {e}")
-    return DecodeFigure(batch, statistics.median(times), float(np.mean(kv_lens)), times)
+    return DecodeFigure(
+        batch, statistics.median(times), float(np.mean(kv_lens)), times, statistics.median(launch)
+    )
 
 
 def run_prefill(executor, opts: BenchOptions, vocab: int, rng, progress: Progress) -> PrefillFigure:

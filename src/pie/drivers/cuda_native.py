@@ -107,9 +107,9 @@ class CudaNativeDriver(InProcessDriver):
         try:
             return await asyncio.wait_for(super().start(), timeout=self.ready_timeout_s)
         except TimeoutError:
-            # The load goes on in the worker thread; the pool's shutdown discards it when it ends.
+            # The load goes on in the worker thread; it stops (and drops the executor) when the load ends.
             self._closed = True
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.abandon()
             raise DriverError(
                 f"cuda_native: the model at {self.spec.model_path} was not ready within {self.ready_timeout_s:g} s "
                 "(ready_timeout_s); raise it for large models or slow disks"

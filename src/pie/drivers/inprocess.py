@@ -143,6 +143,11 @@ class InProcessDriver(Driver):
         await asyncio.wrap_future(self._submit("stop", self._release))
         self._thread.join()
 
+    def abandon(self) -> None:
+        """Stop the worker after the job it runs now (a start that timed out), without waiting for it."""
+        self._closed = True
+        self._jobs.put(("stop", self._release, ThreadFuture()))
+
     def _release(self) -> None:
         mover = getattr(self.executor, "page_mover", None)
         if mover is not None:
