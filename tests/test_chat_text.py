@@ -83,3 +83,22 @@ def test_context_chat_calls_send_user_text_as_text(tok: Tokenizer) -> None:
 
     got = asyncio.run(asyncio.wait_for(main(), 60))
     assert got.count("<|im_end|>") == 2 and got.count("<|im_start|>") == 3
+
+
+def test_assistant_right_after_generate_is_a_clear_error():
+    from pie.errors import PieError
+    from pie.sdk.chat import ChatState
+
+    class Tok:
+        def render_chat(self, messages, add_generation_prompt=False, **kw):
+            out = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+            return out + ("<assistant>" if add_generation_prompt else "")
+
+    chat = ChatState()
+    chat.add(Tok(), "user", "hi")
+    chat.cue(Tok())
+    chat.record_reply("hello", "hello</assistant>")
+    with pytest.raises(PieError, match=r"assistant\(\) right after generate\(\)"):
+        chat.add(Tok(), "assistant", "hello")
+    chat.add(Tok(), "user", "again")  # the next turn is fine, and so is an assistant turn after it
+    chat.add(Tok(), "assistant", "scripted")

@@ -511,3 +511,48 @@ def test_stats_report_steps_prefill_reuse_and_pages():
         await e.shutdown()
 
     run(main())
+
+
+def test_pie_run_saves_a_snapshot_that_the_next_pie_run_opens(tmp_path, monkeypatch):
+    """Through the CLI and the config file: [runtime] snapshot_dir keeps a snapshot across two runs."""
+    from pie.cli.main import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIE_HOME", str(home))
+    save = tmp_path / "save.py"
+    save.write_text(
+        "from pie.sdk import Context, Model\n"
+        "async def main(input):\n"
+        "    ctx = Context(Model.load()).append_text('The for statement is used to iterate')\n"
+        "    await ctx.flush()\n"
+        "    ctx.save('doc')\n"
+        "    return str(ctx.seq_len)\n"
+    )
+    load = tmp_path / "load.py"
+    load.write_text(
+        "from pie.sdk import Context, Model, Sampler\n"
+        "async def main(input):\n"
+        "    ctx = Context.open(Model.load(), 'doc')\n"
+        "    return str(await ctx.generate(Sampler.argmax(), max_tokens=5, ignore_eos=True).collect_tokens())\n"
+    )
+    fresh = tmp_path / "fresh.py"
+    fresh.write_text(
+        "from pie.sdk import Context, Model, Sampler\n"
+        "async def main(input):\n"
+        "    ctx = Context(Model.load()).append_text('The for statement is used to iterate')\n"
+        "    return str(await ctx.generate(Sampler.argmax(), max_tokens=5, ignore_eos=True).collect_tokens())\n"
+    )
+    assert main(["config", "init"]) == 0
+    assert main(["config", "set", "runtime.snapshot_dir", "snaps"]) == 0
+    assert main(["run", "--in-process", str(save)]) == 0
+    assert list((home / "snaps" / "default").glob("*.pie-kv"))
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["run", "--in-process", str(load)]) == 0
+    ref = io.StringIO()
+    with redirect_stdout(ref):
+        assert main(["run", "--in-process", str(fresh)]) == 0
+    assert out.getvalue() == ref.getvalue() and out.getvalue().startswith("[")

@@ -147,17 +147,12 @@ class Engine:
         )
 
     def _snapshot_dir(self, model: str) -> Path | None:
-        """<[runtime] snapshot_dir>/<model name>, relative paths under $PIE_HOME; None: memory only."""
+        """<[runtime] snapshot_dir>/<model name> (None: snapshots stay in memory)."""
         runtime = getattr(self.config, "runtime", None) if self.config is not None else None
-        d = getattr(runtime, "snapshot_dir", None) or self._given_snapshot_dir
-        if not d:
-            return None
-        from pie.paths import pie_home
-
-        path = Path(d).expanduser()
-        if not path.is_absolute():
-            path = pie_home() / path
-        return path / model
+        base = runtime.snapshot_path() if runtime is not None else None
+        if base is None and self._given_snapshot_dir:
+            base = Path(self._given_snapshot_dir)
+        return None if base is None else base / model
 
     async def shutdown(self) -> None:
         for rt in self.models.values():

@@ -94,6 +94,7 @@ class ChatState:
         self.rendered: list[dict] = []  # the prefix of `messages` whose text is in `committed`
         self.committed = ""
         self.cued = False  # committed ends with the generation prompt
+        self.replied = False  # the last message is the reply generate() recorded
         self.template_kwargs = dict(template_kwargs or {})
 
     def copy(self) -> ChatState:
@@ -101,6 +102,13 @@ class ChatState:
 
     def add(self, tok, role: str, content: str) -> str:
         """Add a message; return the text to append to the context ('' when deferred)."""
+        if role == "assistant" and self.replied:
+            raise PieError(
+                "assistant() right after generate(): the generated reply is already the assistant's turn in "
+                "the context; call user() (or system()) next. To put a different reply in the history, fork "
+                "the context before generating and call assistant() on the fork"
+            )
+        self.replied = False
         self.messages.append({"role": role, "content": content})
         return self._sync(tok, add_generation_prompt=False, must=False)
 
@@ -127,6 +135,7 @@ class ChatState:
         self.rendered = list(self.messages)
         self.committed += raw
         self.cued = False
+        self.replied = True  # the last message is a generated reply (assistant() now would duplicate it)
 
     def _render(self, tok, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
