@@ -67,6 +67,7 @@ class _PendingOps:
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     write: list[int] = field(default_factory=list)
     write_data: list[np.ndarray] = field(default_factory=list)
+    copy_src: dict[int, int] = field(default_factory=dict)  # dst -> src of the copies above
 
     def __bool__(self) -> bool:
         return bool(self.swap_out or self.copy or self.swap_in or self.write)
@@ -80,7 +81,7 @@ class _PendingOps:
         slot the group's swap-ins still read."""
         return (
             page in self.written_after_copies()
-            or any(d == page for _, d in self.copy)
+            or page in self.copy_src
             or any(s == slot for s, _ in self.swap_in)
             or any(s == slot for _, s in self.swap_out)  # the slot was freed and handed out again
         )
@@ -102,7 +103,7 @@ class KVCache:
         self.stats = KVStats()
         self.snapshots: dict[str, Snapshot] = {}
         self._cache: OrderedDict[int, int] = OrderedDict()  # key -> page, oldest use first
-        self._cached_pages: set[int] = set()
+        self._cached_pages: dict[int, int] = {}  # page -> its key
         self._groups: list[_PendingOps] = [_PendingOps()]
         self._free_slots = list(range(num_swap_slots - 1, -1, -1))
         self.num_swap_slots = num_swap_slots
@@ -189,6 +190,14 @@ class KVCache:
             # a batch of another (released) context may still read the slots we will write again: copy
             # now. A page shared with owners is copied when first written (Scheduler._cow).
             self.cow(seq, len(seq.pages) - 1)
+
+    def _uncache_if_only_holder(self, p: int) -> None:
+        """A page about to be written again whose only other holder is the prefix cache leaves the cache
+        (its key would no longer describe it) instead of being copied."""
+        if p in self._cached_pages and self.alloc.refcount(p) == 2:
+            del self._cache[self._cached_pages[p]]
+            self._cached_pages.pop(p, None)
+            self.alloc.decref([p])
 
     def cow(self, seq: Sequence, index: int) -> None:
         """Give seq its own copy of its page `index` (a device copy queued before the next batch)."""
@@ -305,7 +314,7 @@ class KVCache:
                 break
             if self._evictable(p):
                 del self._cache[key]
-                self._cached_pages.discard(p)
+                self._cached_pages.pop(p, None)
                 self.alloc.decref([p])
                 freed += 1
         self.stats.pages_evicted += freed
@@ -364,7 +373,7 @@ class KVCache:
                 self._cache.move_to_end(key)
             elif p not in self._cached_pages:
                 self._cache[key] = p
-                self._cached_pages.add(p)
+                self._cached_pages[p] = key
                 self.alloc.incref([p])
 
     @property
@@ -473,14 +482,12 @@ class KVCache:
 
     def _copy(self, src: int, dst: int) -> None:
         g = self._group(reads=[src])
-        if any(d == dst for _, d in g.copy):  # dst was freed and handed out again: copy after the first
+        if dst in g.copy_src:  # dst was freed and handed out again: copy after the first
             g = _PendingOps()
             self._groups.append(g)
-        for s, d in g.copy:  # copies of one group run at once: read a copied page from its source
-            if d == src:
-                src = s
-                break
+        src = g.copy_src.get(src, src)  # copies of one group run at once: read a copied page from its source
         g.copy.append((src, dst))
+        g.copy_src[dst] = src
 
     def take_ops(self) -> list[PageOps]:
         """The page movements queued since the last call, as op sets to apply in order."""

@@ -82,6 +82,12 @@ class PageAllocator:
         return p
 
     def incref(self, ids) -> None:
+        if isinstance(ids, list) and len(ids) == 1:  # one page (the prefix cache takes one at a time)
+            p = ids[0]
+            if self._refs[p] <= 0:
+                raise ValueError(f"incref of unowned page(s) [{p}]")
+            self._refs[p] += 1
+            return
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
