@@ -164,7 +164,12 @@ class InProcessDriver(Driver):
 
 
 def _settle(fut: ThreadFuture, fn) -> None:
+    """Run fn and hand its result (or error) to fut, unless its waiter went away (cancelled)."""
     try:
-        fut.set_result(fn())
+        result = fn()
     except BaseException as e:
-        fut.set_exception(e)
+        if not fut.cancelled():
+            fut.set_exception(e)
+        return
+    if not fut.cancelled():
+        fut.set_result(result)
