@@ -11,12 +11,14 @@ in between (torch releases the GIL while the worker waits on the device).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import queue
 import sys
 import threading
 from collections import deque
 from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import InvalidStateError
 
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
@@ -168,8 +170,10 @@ def _settle(fut: ThreadFuture, fn) -> None:
     try:
         result = fn()
     except BaseException as e:
-        if not fut.cancelled():
+        with contextlib.suppress(InvalidStateError):
             fut.set_exception(e)
         return
-    if not fut.cancelled():
+    try:
         fut.set_result(result)
+    except InvalidStateError:  # cancelled meanwhile
+        pass
