@@ -57,9 +57,9 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
                 feeds = []
             feeds.append((len(tokens) - (hi - lo), c.feed))
         if c.out_slots is None and c.samplers is c.work.samplers:  # an unseeded step: its cached record
-            rec = c.work.__dict__.get("_rec")
+            rec = c.work.record
             if rec is None:
-                rec = c.work.__dict__["_rec"] = c.samplers.view(_RECORD)
+                rec = c.work.record = c.samplers.view(_RECORD)
             records.append(rec)
         else:
             records.append(c.samplers.view(_RECORD))

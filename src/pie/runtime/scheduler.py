@@ -258,10 +258,9 @@ class Scheduler:
             pos = seq.positions[-1] + 1
             if pos >= max_pos:
                 continue  # ends with "length" when its last step returns
-            if nt >= len(seq.pages) * ps:
-                if not self._reserve(seq, nt + 1, in_plan, True):
-                    continue
-            elif self.kv.alloc._refs[seq.pages[nt // ps]] > 1 and not self._cow(seq, nt, in_plan, True):
+            # a new page when the last is full; no copy-on-write check: the page a fed step writes was
+            # written by its previous step, and nothing shares a generating context's partial page
+            if nt >= len(seq.pages) * ps and not self._reserve(seq, nt + 1, in_plan, True):
                 continue
             seq.tokens.append(-1)  # filled on the device from the batch in flight, here when it returns
             seq.positions.append(pos)
@@ -494,40 +493,46 @@ class Scheduler:
         else:
             err = None
         self.kv.alloc.unpin(b.pinned)
-        for c in b.chunks:
-            c.work.seq.inflight -= 1
-            c.work.inflight -= 1
         if err is not None:
             for c in b.chunks:
+                c.work.seq.inflight -= 1
+                c.work.inflight -= 1
+            for c in b.chunks:
                 self._fail(c.work, err, rollback_to=c.lo)
-        else:
-            tokens = result.tokens.tolist()
-            logprobs = result.logprobs
-            row = 0
-            parts = None
-            for i, c in enumerate(b.chunks):
+            for c in b.chunks:  # works whose last batch just ended
                 w = c.work
-                if c.is_step:
-                    if not (w.failed or w.seq.closed):
-                        lp = None if logprobs is None else float(logprobs[row])
-                        self._step_done(w, c, tokens[row], lp)  # type: ignore[arg-type]
-                    row += 1
-                    continue
-                row += c.out_slots.shape[0]
-                if w.failed or w.seq.closed or w.is_generation:  # an early chunk of a first step
-                    continue
-                if parts is None:
-                    parts = split_result(result, b.batch, b.chunks)
-                w.parts.append(parts[i])
-                self.kv.register(w.seq, c.hi)
-                if c.hi == w.end and w.inflight == 0:
-                    self._complete(w)
-                    if not w.future.done():
-                        w.future.set_result(merge_parts(w))
-        for c in b.chunks:  # works whose last batch just ended
+                if w.inflight == 0 and not w.retired:
+                    self._retire(w)
+            return
+        tokens = result.tokens.tolist()
+        logprobs = result.logprobs
+        row = 0
+        parts = None
+        step_done = self._step_done
+        for i, c in enumerate(b.chunks):
             w = c.work
-            if w.inflight == 0 and not w.retired and (w.failed or (w.is_generation and w.finished)):
-                self._retire(w)
+            w.seq.inflight -= 1
+            w.inflight -= 1
+            if w.failed or w.seq.closed:
+                if w.inflight == 0 and not w.retired:
+                    self._retire(w)
+                row += 1 if c.is_step else c.out_slots.shape[0]
+                continue
+            if c.is_step:
+                step_done(w, c, tokens[row], None if logprobs is None else float(logprobs[row]))
+                row += 1
+                continue
+            row += c.out_slots.shape[0]
+            if w.is_generation:  # an early chunk of a first step
+                continue
+            if parts is None:
+                parts = split_result(result, b.batch, b.chunks)
+            w.parts.append(parts[i])
+            self.kv.register(w.seq, c.hi)
+            if c.hi == w.end and w.inflight == 0:
+                self._complete(w)
+                if not w.future.done():
+                    w.future.set_result(merge_parts(w))
 
     def _retire(self, w: Work) -> None:
         """A work that failed or finished and has no batch in flight any more leaves the scheduler."""

@@ -201,6 +201,7 @@ class Generation(Work):
     last_batch: int = -1  # batch number of its latest step and its output row there
     last_row: int = -1
     wake_at: int = 1 << 62
+    record: np.ndarray | None = None  # samplers viewed as raw records (batching.build_batch)
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
     is_generation = True
