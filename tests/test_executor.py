@@ -119,10 +119,11 @@ def test_unsupported_model_type_lists_supported(tiny_checkpoint, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(
-        ModelError, match="'gpt2' is not supported; supported types: llama, mistral, qwen2, qwen3"
+        ModelError,
+        match="'gpt2' is not supported; supported types: llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe",
     ):
         make_executor(tmp_path, page_size=16, num_pages=4)
-    assert supported_model_types() == ["llama", "mistral", "qwen2", "qwen3"]
+    assert supported_model_types() == ["llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3", "qwen3_moe"]
     assert get_model_class("mistral") is get_model_class("llama")
 
 

@@ -220,6 +220,7 @@ def test_unsupported_model_type_fails_before_a_driver_starts(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64}')
     entry = ModelEntry("m", str(tmp_path), DriverConfig("dev", ["cpu"], 1, "float32", DevOptions()))
     with pytest.raises(
-        ModelError, match="'gpt2' is not supported; supported types: llama, mistral, qwen2, qwen3"
+        ModelError,
+        match="'gpt2' is not supported; supported types: llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe",
     ):
         create_driver(entry)

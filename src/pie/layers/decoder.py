@@ -15,6 +15,7 @@ from torch import nn
 from pie.layers.attention import Attention, ForwardContext
 from pie.layers.embedding import LMHead, VocabEmbedding
 from pie.layers.mlp import GatedMLP
+from pie.layers.moe import SparseMoE
 from pie.layers.norm import RMSNorm
 from pie.layers.rotary import RotaryEmbedding
 from pie.models.config import ModelConfig
@@ -36,7 +37,10 @@ class DecoderLayer(nn.Module):
             has_qk_norm=c.has_qk_norm,
             rms_norm_eps=c.rms_norm_eps,
         )
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
+        if c.moe is not None and layer_idx in c.moe.sparse_layers:
+            self.mlp = SparseMoE(c.hidden_size, c.moe)
+        else:
+            self.mlp = GatedMLP(c.hidden_size, c.intermediate_size)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -54,10 +58,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         c = config
-        self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+        # a family with its own rope variant passes its rotary (phi3: partial rotary, LongRoPE)
+        self.rotary = rotary or RotaryEmbedding(
+            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling
+        )
         self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, i, self.rotary) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -82,10 +89,12 @@ class CausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    model_cls: type[DecoderModel] = DecoderModel  # a family may subclass the stack (phi3)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.model = self.model_cls(config)
         # Tied: the head reads the embedding matrix directly (no second parameter to keep in sync).
         self.lm_head = None if config.tie_word_embeddings else LMHead(config.hidden_size, config.vocab_size)
 

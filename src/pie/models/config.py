@@ -7,9 +7,11 @@ here; model code never calls getattr(config, ..., default).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pie.errors import ModelError
 
@@ -26,6 +28,21 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts MLPs (Mixtral, Qwen3-MoE): a softmax router picks `top_k` of `num_experts`
+    SwiGLU experts per token. Layers not in `sparse_layers` keep the dense MLP (`intermediate_size`)."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    renormalize: bool  # divide the top-k probabilities by their sum (Mixtral always; Qwen3 `norm_topk_prob`)
+    # True: routing weights are cast to the activation dtype before scaling the experts' outputs (Qwen);
+    # False: they stay fp32 (Mixtral). Only matters below fp32.
+    weights_in_activation_dtype: bool
+    sparse_layers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # checkpoint dtype as named in config.json, e.g. "bfloat16"
+    moe: MoEConfig | None = None  # None: every layer has the dense MLP
+    family: Any = None  # fields only one family reads (a frozen dataclass of its file, e.g. phi3's rope)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -59,7 +78,11 @@ class ModelConfig:
             raise ModelError("config.json has no model_type; is this a Hugging Face causal LM checkpoint?")
         from pie.models.registry import get_model_class
 
-        get_model_class(model_type)  # an unsupported type fails here, listing the supported ones
+        model_cls = get_model_class(model_type)  # an unsupported type fails here, listing the supported ones
+        # A family whose config.json departs from the llama layout adapts it in its own file: it returns
+        # the dict the shared parsing below reads and the ModelConfig fields it sets itself.
+        adapt = getattr(model_cls, "adapt_hf_config", None)
+        original, (d, family_fields) = d, adapt(d) if adapt is not None else (d, {})
         if "text_config" in d and "hidden_size" not in d:
             raise ModelError(
                 f"model_type {model_type!r} is multimodal (text_config); only text LMs are supported"
@@ -97,7 +120,7 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = () if eos is None else tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
         bos = d.get("bos_token_id")
-        return cls(
+        cfg = cls(
             model_type=model_type,
             vocab_size=int(req("vocab_size")),
             hidden_size=hidden,
@@ -117,8 +140,9 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=None if bos is None else int(bos),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
-            raw=dict(d),
+            raw=dict(original),
         )
+        return dataclasses.replace(cfg, **family_fields) if family_fields else cfg
 
 
 def _parse_rope(d: dict) -> tuple[float, RopeScaling | None]:

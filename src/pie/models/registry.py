@@ -14,6 +14,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "mistral": ("pie.models.llama", "LlamaForCausalLM"),
     "qwen2": ("pie.models.qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("pie.models.qwen3", "Qwen3ForCausalLM"),
+    "mixtral": ("pie.models.mixtral", "MixtralForCausalLM"),
+    "qwen3_moe": ("pie.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "phi3": ("pie.models.phi3", "Phi3ForCausalLM"),
 }
 
 

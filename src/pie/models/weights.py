@@ -1,14 +1,20 @@
 """Load an HF safetensors checkpoint (single file or sharded with an index) into a pie model.
 
-Checkpoint names map 1:1 onto module names except fused projections, which each model declares as data
-(`packed_modules_mapping`: {"q_proj": ("qkv_proj", "q"), ...}); the fused module's `load_shard` places
-the tensor. Tensors are read straight onto the parameter's device and cast by copy_.
+Checkpoint names map 1:1 onto module names except what each model declares as data:
+- `checkpoint_renames`: name fragments renamed first (Mixtral's `.block_sparse_moe.` is pie's `.mlp.`);
+- `expert_params_mapping`: per-expert tensors `...experts.{e}.{part}.weight` -> (stacked parameter,
+  part), e.g. {"w1": ("gate_up_proj", "gate")}; the experts module's `load_shard` places expert e's slice.
+  A checkpoint already stacked (`experts.gate_up_proj`, transformers 5's layout) loads 1:1;
+- `packed_modules_mapping`: fused projections ({"q_proj": ("qkv_proj", "q"), ...}); the fused module's
+  `load_shard` places the tensor. A checkpoint that is already fused (phi3's `qkv_proj`) maps 1:1.
+Tensors are read straight onto the parameter's device and cast by copy_.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Checkpoint tensors that carry no weights we need (derived buffers written by old transformers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -54,6 +61,8 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     """
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
+    renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
+    experts: dict[str, tuple[str, str]] = getattr(model, "expert_params_mapping", {})
     device = next(iter(params.values())).device
     # safetensors takes "cpu", "cuda:N" (int index also works); reading onto the target device skips a hop.
     st_device = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
@@ -75,7 +84,7 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     bar.update(1)
                     if key.endswith(_IGNORED_SUFFIXES):
                         continue
-                    name, shard_id = _target(key, packed)
+                    name, shard_id = _target(_rename(key, renames), packed, experts)
                     param = params.get(name)
                     if param is None:
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
@@ -96,18 +105,38 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     except ValueError as e:
                         raise ModelError(f"checkpoint tensor {key} does not fit {name}: {e}") from None
     for name, seen in shard_seen.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        if seen == set(module.shard_slices):
+        if seen == _expected_shards(model, name):
             loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
-        shown = ", ".join(_checkpoint_names(n, packed, shard_seen.get(n, set())) for n in missing[:8])
+        shown = ", ".join(_missing_names(model, n, packed, shard_seen.get(n, set())) for n in missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
 
 
-def _target(key: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
-    """Checkpoint key -> (parameter name, shard id or None)."""
+def _rename(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _expected_shards(model: torch.nn.Module, name: str) -> set:
+    """Shard ids that together fill parameter `name` (a fused projection's, or every expert's parts)."""
+    module_name, param_name = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if hasattr(module, "shard_ids"):
+        return module.shard_ids(param_name)
+    return set(module.shard_slices)
+
+
+def _target(
+    key: str, packed: dict[str, tuple[str, str | int]], experts: dict[str, tuple[str, str]] | None = None
+) -> tuple[str, str | int | tuple | None]:
+    """Checkpoint key (renamed) -> (parameter name, shard id or None)."""
+    m = _EXPERT_KEY.match(key) if experts else None
+    if m and m["part"] in experts:
+        param, part = experts[m["part"]]
+        return f"{m['prefix']}.{param}", (int(m["expert"]), part)
     for part, (fused, shard_id) in packed.items():
         if f".{part}." in key:
             return key.replace(f".{part}.", f".{fused}."), shard_id
@@ -122,3 +151,14 @@ def _checkpoint_names(param: str, packed: dict[str, tuple[str, str | int]], seen
         if f".{fused}." in param and shard_id not in seen
     ]
     return ", ".join(names) if names else param
+
+
+def _missing_names(model: torch.nn.Module, param: str, packed: dict, seen: set) -> str:
+    """What the checkpoint lacks for `param`: its checkpoint names, or for stacked experts which ones."""
+    module = model.get_submodule(param.rsplit(".", 1)[0])
+    if not hasattr(module, "shard_ids"):
+        return _checkpoint_names(param, packed, seen)
+    absent = sorted(module.shard_ids(param.rsplit(".", 1)[1]) - seen)
+    if not seen:  # neither the stacked tensor nor any per-expert one
+        return f"{param} (or its per-expert tensors)"
+    return f"{param}: {len(absent)} expert slices, e.g. expert {absent[0][0]} {absent[0][1]}"
