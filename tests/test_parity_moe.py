@@ -36,11 +36,11 @@ def hf_cached_logits(path, prompt: list[int], steps: list[int]) -> np.ndarray:
     model = hf_model(path)
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
-        rows, cache = [out.logits[0]], out.past_key_values
+        rows, cache = [out.logits[0]], out.cache
         for t in steps:
-            out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = model(torch.tensor([[t]]), cache=cache, use_cache=True)
             rows.append(out.logits[0])
-            cache = out.past_key_values
+            cache = out.cache
     return torch.cat(rows).numpy()
 
 

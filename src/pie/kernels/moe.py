@@ -107,7 +107,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no silent TF32), "tf32" otherwise (unused)
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no silent TF32); None (default) otherwise
     ):
         pid = tl.program_id(0)
         num_n_blocks = tl.cdiv(N_out, BLOCK_N)
@@ -171,7 +171,7 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, num_pairs, top
         c.stride(1),
         TOP_K=top_k,
         MUL_WEIGHT=weights is not None,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
         **cfg,
     )
 
