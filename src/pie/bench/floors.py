@@ -1,9 +1,10 @@
 """Lower bounds ("floors") on step time, from the model's shape and the device's measured ceilings.
 
 Pure functions of an HF config dict (config.json as loaded; field names as in transformers), so they are
-unit tested on CPU with exact figures. The parameter count covers the decoder families pie runs
-(llama, qwen2, qwen3, mistral, phi3, and the MoE ones below): per layer q/k/v/o projections (+ biases), qk-norm scales (qwen3), a gated
-MLP (gate, up, down), two RMSNorms; plus the embedding, a final norm and the LM head (absent when tied).
+unit tested on CPU with exact figures. The parameter count covers the decoder families pie runs (llama,
+qwen2, qwen3, mistral, phi3, and the MoE ones below): per layer q/k/v/o projections (+ biases), qk-norm
+scales (qwen3, qwen3_moe), a gated MLP (gate, up, down), two RMSNorms; plus the embedding, a final norm and
+the LM head (absent when tied).
 
 Decode is memory bound: one step reads every weight once, where the LM head reads the full embedding
 matrix when tied (counted once), while the embedding lookup itself reads only the batch's rows (ignored),
