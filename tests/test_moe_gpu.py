@@ -2,6 +2,8 @@
 CUDA (FlashInfer) against transformers in fp32.
 
 CPU: `align_by_expert` (the token sort the kernel relies on) with exact expectations.
+(Under TRITON_INTERPRET=1, Triton 3.5's interpreter needs numpy < 2.4: it calls int() on a 1-element array
+for loop bounds read from kernel arguments, which numpy 2.4 refuses.)
 GPU (marked `gpu`; skipped without CUDA + triton, or under TRITON_INTERPRET=1 on the CPU for fp32 only):
 - fused_moe vs the loop on random inputs, shapes of Mixtral 8x7B (E=8, top-2, H=4096, I=14336), Qwen3-30B-A3B
   (E=128, top-8, H=2048, I=768) and an odd small one (dims not multiples of the tiles), T = 1..512 tokens.

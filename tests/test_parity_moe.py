@@ -190,6 +190,16 @@ def test_missing_expert_tensor_is_named(tiny_checkpoint, tmp_path):
         make_executor(dst, 16)
 
 
+def test_checkpoint_with_more_experts_than_the_config_is_rejected(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("qwen3_moe")
+    cfg = json.loads((src / "config.json").read_text())
+    path = copy_with_config(src, tmp_path / "fewer", {**cfg, "num_local_experts": 7})  # checkpoint has 8
+    with pytest.raises(
+        ModelError, match=r"experts\.7\.\w+_proj\.weight does not fit .*expert 7 is out of range"
+    ):
+        make_executor(path, 16)
+
+
 # ---- normalization details --------------------------------------------------------------------------------
 
 
