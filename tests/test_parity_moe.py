@@ -73,11 +73,28 @@ def test_prefill_then_decode_matches_hf(tiny_checkpoint, arch, page_size):
         assert np.array_equal(ours.argmax(-1)[len(prompts[i]) - 1 :], ref.argmax(-1)[len(prompts[i]) - 1 :])
 
 
+_GENERATED: dict[tuple, list[int]] = {}
+
+
+def hf_generate(path, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy `generate` continuation of `prompt` (cached: both page sizes compare to it)."""
+    key = (str(path), tuple(prompt), new_tokens)
+    if key not in _GENERATED:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf_model(path).generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+            )
+        _GENERATED[key] = out[0, len(prompt) :].tolist()
+    return _GENERATED[key]
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_greedy_generation_matches_hf_generate(tiny_checkpoint, arch):
-    """3 sequences in one batch (page size 3: decode steps cross pages often), 16 greedy tokens each."""
+def test_greedy_generation_matches_hf_generate(tiny_checkpoint, arch, page_size):
+    """3 sequences of different lengths in one batch, 16 greedy tokens each, crossing page boundaries."""
     path = tiny_checkpoint(arch)
-    page_size, new_tokens = 3, 16
+    new_tokens = 16
     ex = make_executor(path, page_size)
     seqs = PagedSeqs(ex.num_pages, page_size, seed=2)
     eos = set(ex.model_config.eos_token_ids)
@@ -95,12 +112,7 @@ def test_greedy_generation_matches_hf_generate(tiny_checkpoint, arch):
             generated[i].append(int(t))
         live = [i for i in live if len(generated[i]) < new_tokens and generated[i][-1] not in eos]
     for p, gen in zip(prompts, generated, strict=True):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = hf_model(path).generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-            )
-        assert gen == ref[0, len(p) :].tolist()
+        assert gen == hf_generate(path, p, new_tokens)
 
 
 # ---- config layouts ---------------------------------------------------------------------------------------

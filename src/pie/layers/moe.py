@@ -22,7 +22,12 @@ from pie.models.config import MoEConfig
 
 
 class TopKRouter(nn.Module):
-    """logits = x @ W.T; probabilities softmax(logits) in fp32; the k largest, optionally renormalized."""
+    """logits = x @ W.T; probabilities softmax(logits) in fp32; the k largest, optionally renormalized.
+
+    The logits are computed in fp32 even for bf16 activations (transformers computes them in the activation
+    dtype): the top-k choice is discontinuous, and a bf16-rounded logit flips near-tied experts far more
+    often, which moves a token's output by a whole expert. The [T, E] matmul is tiny beside the experts'.
+    """
 
     def __init__(self, hidden: int, moe: MoEConfig) -> None:
         super().__init__()
@@ -32,7 +37,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] fp32 or x's dtype, expert ids [T, k] int64)."""
-        probs = torch.softmax(F.linear(x, self.weight).float(), dim=-1)  # [T, E]
+        probs = torch.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
