@@ -7,12 +7,20 @@ Per checkpoint tensor: (1) the model's `checkpoint_prefixes` rename a multimodal
 the tensor; (3) FP8 weights with a `weight_scale_inv` (per tensor, per row or per block) are dequantized to
 the parameter's dtype (until FP8 GEMMs exist); their activation scales are not needed. Tensors are read
 straight onto the parameter's device and cast by copy_.
+
+MoE families also declare, as data:
+- `checkpoint_renames`: name fragments renamed after the prefixes (Mixtral's `.block_sparse_moe.` is pie's
+  `.mlp.`);
+- `expert_params_mapping`: per-expert tensors `...experts.{e}.{part}.weight` -> (stacked parameter, part),
+  e.g. {"w1": ("gate_up_proj", "gate")}; the experts module's `load_shard` places expert e's slice. A
+  checkpoint already stacked (`experts.gate_up_proj`, transformers 5's layout) loads 1:1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +54,9 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w * full
 
 
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
+
+
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: from model.safetensors.index.json, else model.safetensors."""
     d = Path(model_dir)
@@ -77,6 +88,8 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
     prefixes: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
+    renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
+    experts: dict[str, tuple[str, str]] = getattr(model, "expert_params_mapping", {})
     device = next(iter(params.values())).device
     # safetensors takes "cpu", "cuda:N" (int index also works); reading onto the target device skips a hop.
     st_device = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
@@ -99,7 +112,7 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     bar.update(1)
                     if key.endswith(_IGNORED_SUFFIXES) or key.endswith(_SCALE_SUFFIXES):
                         continue
-                    name, shard_id = _target(_rename(key, prefixes), packed)
+                    name, shard_id = _target(_renamed(_rename(key, prefixes), renames), packed, experts)
                     param = params.get(name)
                     if param is None:
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
@@ -122,12 +135,11 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     except ValueError as e:
                         raise ModelError(f"checkpoint tensor {key} does not fit {name}: {e}") from None
     for name, seen in shard_seen.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        if seen == set(module.shard_slices):
+        if seen == _expected_shards(model, name):
             loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
-        shown = ", ".join(_checkpoint_names(n, packed, shard_seen.get(n, set())) for n in missing[:8])
+        shown = ", ".join(_missing_names(model, n, packed, shard_seen.get(n, set())) for n in missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
 
@@ -151,8 +163,29 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     return key
 
 
-def _target(key: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
-    """Checkpoint key -> (parameter name, shard id or None)."""
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _expected_shards(model: torch.nn.Module, name: str) -> set:
+    """Shard ids that together fill parameter `name` (a fused projection's, or every expert's parts)."""
+    module_name, param_name = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if hasattr(module, "shard_ids"):
+        return module.shard_ids(param_name)
+    return set(module.shard_slices)
+
+
+def _target(
+    key: str, packed: dict[str, tuple[str, str | int]], experts: dict[str, tuple[str, str]] | None = None
+) -> tuple[str, str | int | tuple | None]:
+    """Checkpoint key (renamed) -> (parameter name, shard id or None)."""
+    m = _EXPERT_KEY.match(key) if experts else None
+    if m and m["part"] in experts:
+        param, part = experts[m["part"]]
+        return f"{m['prefix']}.{param}", (int(m["expert"]), part)
     for part, (fused, shard_id) in packed.items():
         if f".{part}." in key:
             return key.replace(f".{part}.", f".{fused}."), shard_id
@@ -167,3 +200,14 @@ def _checkpoint_names(param: str, packed: dict[str, tuple[str, str | int]], seen
         if f".{fused}." in param and shard_id not in seen
     ]
     return ", ".join(names) if names else param
+
+
+def _missing_names(model: torch.nn.Module, param: str, packed: dict, seen: set) -> str:
+    """What the checkpoint lacks for `param`: its checkpoint names, or for stacked experts which ones."""
+    module = model.get_submodule(param.rsplit(".", 1)[0])
+    if not hasattr(module, "shard_ids"):
+        return _checkpoint_names(param, packed, seen)
+    absent = sorted(module.shard_ids(param.rsplit(".", 1)[1]) - seen)
+    if not seen:  # neither the stacked tensor nor any per-expert one
+        return f"{param} (or its per-expert tensors)"
+    return f"{param}: {len(absent)} expert slices, e.g. expert {absent[0][0]} {absent[0][1]}"
