@@ -41,7 +41,7 @@ WINDOW = 6
 _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
          "beta_slow": 1.0}  # fmt: skip
 # MoE and fused-weight families (tests/test_parity_moe.py), each with its quirks switched on
-MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen3_moe_norm", "phi3", "phi3_longrope")
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen3_moe_norm", "phi3", "phi3_longrope", "gpt_oss")
 PHI3_ORIGINAL_MAX = 24  # LongRoPE switch of the tiny phi3_longrope: prompts and decodes cross it
 
 _CORPUS = """\
@@ -140,6 +140,18 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
         kw = {**kw, "rope_parameters": rope, "original_max_position_embeddings": PHI3_ORIGINAL_MAX,
               "sliding_window": WINDOW if arch == "phi3" else None}  # fmt: skip
         cls = tf.Phi3Config
+    elif arch == "gpt_oss":
+        # 5 layers (sliding, full, sliding, full, sliding: the default pattern) with window 6; 6 experts of
+        # size 32, top 2; swiglu_limit 1 so the clamps bite at these weight scales; the hub's YaRN (factor 32,
+        # original 4096, θ 150000, truncate false: at head_dim 16 the ramp's ends 2.02 / 4.35 are fractional,
+        # so truncate matters); attention bias and sinks (randomized in make_tiny_checkpoint)
+        kw = {**kw, "num_hidden_layers": 5, "sliding_window": WINDOW, "num_local_experts": 6,
+              "num_experts_per_tok": 2, "intermediate_size": 32, "swiglu_limit": 1.0, "attention_bias": True,
+              "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 4096,
+                                  "rope_theta": 150000.0},
+              "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(5)]}  # fmt: skip
+        cls = tf.GptOssConfig
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS + MOE_ARCHS}")
     return cls(**{**kw, **overrides})
@@ -210,6 +222,12 @@ def _legacy_keys(arch: str, cfg: dict) -> dict:
     if arch == "ministral":
         # no layer_types: every layer slides
         return {k: v for k, v in cfg.items() if k not in drop} | {"rope_theta": 100_000.0}
+    if arch == "gpt_oss":
+        # the hub's gpt-oss spelling: rope_theta + rope_scaling; no layer_types (even layers slide); num_experts
+        rope = dict(cfg["rope_parameters"])
+        theta = rope.pop("rope_theta")
+        out = {k: v for k, v in cfg.items() if k not in drop | {"num_local_experts"}}
+        return out | {"rope_theta": theta, "rope_scaling": rope, "num_experts": cfg["num_local_experts"]}
     if arch == "ministral3":
         rope = dict(cfg["rope_parameters"])
         theta = rope.pop("rope_theta")
@@ -237,8 +255,10 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_proj_bias")):  # GPT-OSS experts: gate_up_proj_bias, down_proj_bias
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".sinks"):  # GPT-OSS: sink logits comparable to the scores, so they matter
+                p.copy_(torch.randn(p.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
     if legacy:
         cfg_path = out / "config.json"

@@ -17,6 +17,8 @@ dense MLP. A step reads only the experts its tokens are routed to: k of E at bat
 the batch grows. The floors count the expected number of distinct experts that B tokens touch when each
 picks k of E uniformly, E * (1 - (1 - k / E)^B) (exactly k at B = 1; ~E for B >> E / k), which is what
 random-weight benchmarks route like; skewed real routing touches fewer. Compute counts k experts per token.
+GPT-OSS (gpt_oss / gptoss) adds a sink logit per query head, a router bias and biases on both expert
+projections (2 I + H per expert). Sliding-window layers are counted as full attention.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def param_counts(cfg: dict) -> ParamCounts:
         attn += q_out + 2 * kv_out + hidden
     if model_type in ("qwen3", "qwen3_moe"):
         attn += 2 * hd  # q_norm and k_norm scales, shared across heads
+    gpt_oss = model_type in ("gpt_oss", "gptoss")
+    if gpt_oss:
+        attn += heads  # sink logits
     inter = int(cfg["intermediate_size"])
     mlp = 3 * hidden * inter + (2 * inter + hidden if cfg.get("mlp_bias") else 0)
     tied = bool(cfg.get("tie_word_embeddings", False))
@@ -123,8 +128,10 @@ def param_counts(cfg: dict) -> ParamCounts:
         final_norm=hidden,
         num_layers=int(cfg["num_hidden_layers"]),
         num_sparse_layers=sparse,
-        router_per_layer=E * hidden if sparse else 0,
-        expert_params=3 * hidden * expert_inter if sparse else 0,
+        router_per_layer=(E * hidden + (E if gpt_oss else 0)) if sparse else 0,
+        expert_params=(3 * hidden * expert_inter + (2 * expert_inter + hidden if gpt_oss else 0))
+        if sparse
+        else 0,
         num_experts=E if sparse else 0,
         experts_per_token=k if sparse else 0,
     )

@@ -24,6 +24,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "mixtral": ("pie.models.mixtral", "MixtralForCausalLM"),
     "qwen3_moe": ("pie.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "phi3": ("pie.models.phi3", "Phi3ForCausalLM"),
+    "gpt_oss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
+    "gptoss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
 }
 
 
