@@ -127,7 +127,8 @@ def legacy_layout(cfg: dict) -> dict:
     out["rope_theta"] = rope.pop("rope_theta")
     if "partial_rotary_factor" in rope:
         out["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
-    rope.pop("original_max_position_embeddings", None)  # phi3 keeps it at the top level
+    if cfg["model_type"] == "phi3":
+        rope.pop("original_max_position_embeddings", None)  # phi3 keeps it at the top level
     rope_type = rope.pop("rope_type")
     out["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
     if cfg["model_type"] == "qwen3_moe":
