@@ -34,12 +34,20 @@ def cfg(name: str) -> dict:
 
 
 def test_bundled_configs():
-    assert {"llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b"} <= set(bundled_configs())
+    assert {
+        "llama-3.1-8b",
+        "llama-3.2-1b",
+        "qwen3-0.6b",
+        "mixtral-8x7b",
+        "phi-3-mini-4k",
+        "qwen3-30b-a3b",
+    } <= set(bundled_configs())
 
 
 # published parameter counts of the attention-side family configs (model cards / safetensors totals)
 FAMILY_PARAMS = {"gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952, "olmo-3-7b": 7_298_011_136,
-                 "ministral-8b": 8_019_808_256}  # fmt: skip
+                 "ministral-8b": 8_019_808_256, "mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624,
+                 "phi-3-mini-4k": 3_821_079_552}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_PARAMS) + ["ministral-3-8b"])
@@ -62,8 +70,9 @@ def test_family_configs_build_their_model(name):
 @pytest.mark.parametrize(
     "name,params",
     # published parameter counts of these checkpoints
-    [("qwen3-0.6b", 596_049_920), ("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248)],
-)
+    [("qwen3-0.6b", 596_049_920), ("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248),
+     ("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624), ("phi-3-mini-4k", 3_821_079_552)],
+)  # fmt: skip
 def test_param_counts_match_published_totals(name, params):
     assert floors.param_counts(cfg(name)).total == params
 
@@ -72,6 +81,32 @@ def test_param_counts_match_published_totals(name, params):
 def test_decode_weight_bytes(name, gb):
     # bf16; tied models read the embedding once, as the LM head
     assert floors.decode_weight_bytes(cfg(name)) / 1e9 == pytest.approx(gb, abs=0.01)
+
+
+def test_moe_decode_reads_the_experts_its_tokens_touch():
+    c = cfg("mixtral-8x7b")
+    pc = floors.param_counts(c)
+    expert = 3 * 4096 * 14336
+    assert (pc.num_sparse_layers, pc.num_experts, pc.experts_per_token, pc.expert_params) == (
+        32,
+        8,
+        2,
+        expert,
+    )
+    assert pc.experts_touched(1) == pytest.approx(2.0)  # batch 1: exactly the top-k
+    assert pc.experts_touched(2) == pytest.approx(8 * (1 - 0.75**2))  # 3.5 expected distinct experts
+    assert pc.experts_touched(256) == pytest.approx(8.0)  # large batches touch every expert
+    one, many = floors.decode_weight_bytes(c, 2, 1), floors.decode_weight_bytes(c, 2, 256)
+    assert many - one == pytest.approx(32 * 6 * expert * 2, rel=1e-9)  # the 6 experts batch 1 never reads
+    assert floors.decode_step_bytes(c, 256, 0.0) == many
+    # compute: router + k experts per token, not all E
+    attn = pc.attention_per_layer
+    assert pc.matmul_per_token == 32 * (attn + 8 * 4096 + 2 * expert)
+    # qwen3_moe: the step / mlp_only rule picks the sparse layers; dense ones keep intermediate_size
+    q = {**cfg("qwen3-30b-a3b"), "decoder_sparse_step": 2, "mlp_only_layers": [1]}
+    qc = floors.param_counts(q)
+    assert qc.num_sparse_layers == 23 and qc.mlp_per_layer == 3 * 2048 * 6144  # odd layers but layer 1
+    assert floors.param_counts(cfg("phi-3-mini-4k")).num_sparse_layers == 0
 
 
 def test_tied_lm_head_counted_once_untied_embedding_not_read():

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from gpu_marks import HAS_CUDA, HAS_FLASHINFER, MUST_FLASHINFER, needs_cuda, needs_flashinfer  # noqa: F401
+from test_moe_gpu import FAMILIES
 
 from pie.attention.base import AttentionMetadata
 from pie.attention.flashinfer_backend import graph_decode_wrapper_kwargs, graph_workspace_bytes
@@ -394,7 +395,12 @@ DEV = torch.device("cuda:0") if HAS_CUDA else None
 TINY = dict(
     hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, initializer_range=0.075
 )
-ARCHS = {"qwen3-g2": ("qwen3", {}), "llama-g4-tc": ("llama", {"num_attention_heads": 8})}
+ARCHS = {
+    "qwen3-g2": ("qwen3", {}),
+    "llama-g4-tc": ("llama", {"num_attention_heads": 8}),
+    # the fused Triton MoE inside the graph, and phi3's LongRoPE table rows chosen per decode position
+    **{name: FAMILIES[name] for name in ("mixtral", "qwen3_moe", "phi3_longrope")},
+}
 
 
 @pytest.fixture(scope="module")

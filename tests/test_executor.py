@@ -120,9 +120,19 @@ def test_unsupported_model_type_lists_supported(tiny_checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ModelError, match="'gpt2' is not supported; supported types: gemma2, gemma3, .*llama"):
         make_executor(tmp_path, page_size=16, num_pages=4)
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "mistral3"} <= set(
-        supported_model_types()
-    )
+    assert {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma2",
+        "gemma3_text",
+        "olmo3",
+        "mistral3",
+        "mixtral",
+        "qwen3_moe",
+        "phi3",
+    } <= set(supported_model_types())
     assert get_model_class("mistral") is get_model_class("llama")
 
 

@@ -17,6 +17,7 @@ from pie.attention.flashinfer_backend import (
     FlashInferBackend,
     decode_plan_args,
     decode_uses_tensor_cores,
+    params_unsupported_reason,
     prefill_plan_args,
     unsupported_reason,
 )
@@ -210,7 +211,8 @@ def test_plan_dispatches_to_one_wrapper_per_batch():
     be = object.__new__(FlashInferBackend)
     AttentionBackend.__init__(be, 8, 2, 64, PS, torch.bfloat16, torch.device("cpu"))
     dec, pre = Recorder(fi_decode_plan), Recorder(fi_prefill_plan)
-    be._wrappers, be._active, be._fallback = {be.default_params: (dec, pre)}, {}, None
+    be._wrappers, be._active, be._fallback, be._sink_wrappers = {be.default_params: (dec, pre)}, {}, None, {}
+    be._planned = False
     with pytest.raises(RuntimeError, match="before plan"):
         be.run(torch.zeros(1, 8, 64), torch.zeros(1), 0)
     be.plan(_meta([_req([0], 2, 1), _req([1], 3, 1)]))
@@ -258,7 +260,7 @@ def test_plan_once_per_attention_kind_with_window_softcap_and_scale():
     be = object.__new__(FlashInferBackend)
     AttentionBackend.__init__(be, 8, 2, 64, PS, torch.bfloat16, torch.device("cpu"), 0.2, [sliding, full])
     rec = {p: (Recorder(fi_decode_plan), Recorder(fi_prefill_plan)) for p in (sliding, full)}
-    be._wrappers, be._active, be._fallback = rec, {}, Fallback()
+    be._wrappers, be._active, be._fallback, be._sink_wrappers = rec, {}, Fallback(), {}
     be.plan(_meta([_req([0], 2, 2), _req([1], 3, 1)]))  # mixed: prefill wrappers
     for p in (sliding, full):
         dec, pre = rec[p]
@@ -275,3 +277,51 @@ def test_plan_once_per_attention_kind_with_window_softcap_and_scale():
     s = torch.zeros(8)
     be.run(q, torch.zeros(1), 3, sinks, s)
     assert Fallback.planned == 2 and Fallback.runs == [(3, sinks, s)]
+
+
+def test_sink_kinds_run_on_the_sink_wrapper_for_causal_batches_and_fall_back_when_masked():
+    """GPT-OSS: a sink kind plans FlashInfer's attention-sink wrapper (a prefill-style wrapper, also for
+    decode) with its window; run passes the sink logits in fp32 and the softmax scale; a batch with a custom
+    mask (which that wrapper cannot take) runs the kind on the torch fallback."""
+    from pie.attention.base import AttentionParams
+
+    class SinkRecorder:
+        def __init__(self):
+            self.sig, self.calls, self.runs = inspect.signature(fi_prefill_plan), [], []
+
+        def plan(self, *a, **k):
+            self.calls.append(self.sig.bind(*a, **k).arguments)
+
+        def run(self, q, kv, *extra):
+            self.runs.append(extra)
+            return q.clone()
+
+    class Fallback:
+        runs: list = []
+
+        def plan(self, meta):
+            pass
+
+        def run(self, q, kv, layer, p, sinks):
+            Fallback.runs.append(layer)
+            return q
+
+    sliding = AttentionParams(8, 2, 64, 0.125, window_left=127, has_sinks=True)
+    assert params_unsupported_reason(sliding, torch.bfloat16) is None
+    capped = AttentionParams(8, 2, 64, 0.125, logits_soft_cap=30.0, has_sinks=True)
+    assert "soft-cap" in params_unsupported_reason(capped, torch.bfloat16)
+    be = object.__new__(FlashInferBackend)
+    AttentionBackend.__init__(be, 8, 2, 64, PS, torch.bfloat16, torch.device("cpu"), 0.125, [sliding])
+    sink = SinkRecorder()
+    be._wrappers, be._active, be._fallback, be._sink_wrappers = {}, {}, Fallback(), {sliding: sink}
+    q, s = torch.randn(1, 8, 64, dtype=torch.float32), torch.randn(8, dtype=torch.bfloat16)
+    for meta in (_meta([_req([0], 2, 1)]), _meta([_req([0], 3, 2)])):  # decode, prefill
+        be.plan(meta)
+        assert sink.calls[-1]["window_left"] == 127 and sink.calls[-1]["causal"] is True
+        out = be.run(q, torch.zeros(1), 0, sliding, s)
+        assert out.dtype == torch.float32  # back in q's dtype
+        sinks, scale = sink.runs[-1]
+        assert sinks.dtype == torch.float32 and torch.equal(sinks, s.float()) and scale == 0.125
+    be.plan(_meta([_req([0], 3, 2, mask=[True, False, False, True, True, False])]))
+    be.run(q, torch.zeros(1), 5, sliding, s)
+    assert Fallback.runs == [5] and len(sink.runs) == 2

@@ -40,6 +40,9 @@ WINDOW = 6
 # YaRN as the hub's OLMo 3 / Ministral 3 ship it, with a short original context so it bites at test lengths
 _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
          "beta_slow": 1.0}  # fmt: skip
+# MoE and fused-weight families (tests/test_parity_moe.py), each with its quirks switched on
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen3_moe_norm", "phi3", "phi3_longrope", "gpt_oss")
+PHI3_ORIGINAL_MAX = 24  # LongRoPE switch of the tiny phi3_longrope: prompts and decodes cross it
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A programmable serving system lets small programs drive
@@ -115,8 +118,42 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
         cls, kw = tf.Qwen2Config, {**kw, "use_sliding_window": False}
     elif arch == "qwen3":
         cls, kw = tf.Qwen3Config, {**kw, "use_sliding_window": False}
+    elif arch == "mixtral":
+        cls, kw = (
+            tf.MixtralConfig,
+            {**kw, "sliding_window": WINDOW, "num_local_experts": 6, "num_experts_per_tok": 2},
+        )
+    elif arch in ("qwen3_moe", "qwen3_moe_norm"):
+        # 4 layers. qwen3_moe: step 2 makes layers 1 and 3 sparse, mlp_only_layers [1] leaves only layer 3;
+        # qwen3_moe_norm: step 1, mlp_only_layers [0] -> sparse 1, 2, 3
+        norm = arch == "qwen3_moe_norm"
+        kw = {**kw, "use_sliding_window": False, "num_hidden_layers": 4, "num_experts": 8, "num_experts_per_tok": 3,
+              "moe_intermediate_size": 32, "norm_topk_prob": norm, "decoder_sparse_step": 1 if norm else 2,
+              "mlp_only_layers": [0] if norm else [1]}  # fmt: skip
+        cls = tf.Qwen3MoeConfig
+    elif arch in ("phi3", "phi3_longrope"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}  # rotary dim 12
+        if arch == "phi3_longrope":  # rotary dim 8: 4 factors per set
+            rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                    "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.1, 3.0, 9.0, 20.0]}  # fmt: skip
+        # phi3: a window that bites (Phi-3-mini-4k's 2047 against 4096); phi3_longrope: no window
+        kw = {**kw, "rope_parameters": rope, "original_max_position_embeddings": PHI3_ORIGINAL_MAX,
+              "sliding_window": WINDOW if arch == "phi3" else None}  # fmt: skip
+        cls = tf.Phi3Config
+    elif arch == "gpt_oss":
+        # 5 layers (sliding, full, sliding, full, sliding: the default pattern) with window 6; 6 experts of
+        # size 32, top 2; swiglu_limit 1 so the clamps bite at these weight scales; the hub's YaRN (factor 32,
+        # original 4096, θ 150000, truncate false: at head_dim 16 the ramp's ends 2.02 / 4.35 are fractional,
+        # so truncate matters); attention bias and sinks (randomized in make_tiny_checkpoint)
+        kw = {**kw, "num_hidden_layers": 5, "sliding_window": WINDOW, "num_local_experts": 6,
+              "num_experts_per_tok": 2, "intermediate_size": 32, "swiglu_limit": 1.0, "attention_bias": True,
+              "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 4096,
+                                  "rope_theta": 150000.0},
+              "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(5)]}  # fmt: skip
+        cls = tf.GptOssConfig
     else:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS}")
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS + MOE_ARCHS}")
     return cls(**{**kw, **overrides})
 
 
@@ -185,6 +222,12 @@ def _legacy_keys(arch: str, cfg: dict) -> dict:
     if arch == "ministral":
         # no layer_types: every layer slides
         return {k: v for k, v in cfg.items() if k not in drop} | {"rope_theta": 100_000.0}
+    if arch == "gpt_oss":
+        # the hub's gpt-oss spelling: rope_theta + rope_scaling; no layer_types (even layers slide); num_experts
+        rope = dict(cfg["rope_parameters"])
+        theta = rope.pop("rope_theta")
+        out = {k: v for k, v in cfg.items() if k not in drop | {"num_local_experts"}}
+        return out | {"rope_theta": theta, "rope_scaling": rope, "num_experts": cfg["num_local_experts"]}
     if arch == "ministral3":
         rope = dict(cfg["rope_parameters"])
         theta = rope.pop("rope_theta")
@@ -205,15 +248,17 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
     legacy = arch.endswith("_legacy")
     base = arch.removesuffix("_legacy")
     config = _hf_config(base, tok.get_vocab_size(), special, config_overrides)
-    torch.manual_seed(ARCHS.index(arch) if arch in ARCHS else 0)
+    torch.manual_seed((ARCHS + MOE_ARCHS).index(arch) if arch in ARCHS + MOE_ARCHS else 0)
     model = hf_model_class(config).from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_proj_bias")):  # GPT-OSS experts: gate_up_proj_bias, down_proj_bias
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".sinks"):  # GPT-OSS: sink logits comparable to the scores, so they matter
+                p.copy_(torch.randn(p.shape, generator=gen))
     model.save_pretrained(out, safe_serialization=True)
     if legacy:
         cfg_path = out / "config.json"

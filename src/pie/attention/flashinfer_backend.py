@@ -9,9 +9,19 @@ The window (window_left), logit soft-cap (logits_soft_cap) and softmax scale (sm
 arguments of both wrappers in 0.6.3. All wrappers share one 128 MiB float workspace: runs are sequential on
 one stream, and each wrapper keeps its own plan info.
 
-Per-layer fallback: kinds FlashInfer 0.6.3's paged FA2 wrappers cannot run (attention sinks; head dims other
-than 64/128/256) run on the portable torch backend instead, planned for the same batch; the others stay on
-FlashInfer. CUDA graphs are off for such models (the torch backend plans on the host per batch).
+Attention sinks (GPT-OSS): 0.6.3's standard FA2 kernels ignore sinks (its `sinks=` argument reaches only the
+trtllm-gen kernels, Blackwell), but it ships `BatchAttentionWithAttentionSinkWrapper`: a paged prefill-style
+wrapper whose JIT-built FA2 variant adds a per-head sink logit to the softmax denominator, with the sliding
+window (window_left, fixed at construction) and the softmax scale as run arguments. Kinds with sinks run on
+it for causal batches, prefill and decode alike (a decode step is a prefill of one token per request); it
+takes no custom mask and no soft-cap, so masked batches of those kinds, and sink kinds with a soft-cap, use
+the torch fallback below. A wrapper whose JIT build fails (no CUDA toolkit on the host) is logged and its
+kind falls back as well.
+
+Per-layer fallback: kinds FlashInfer 0.6.3 cannot run (head dims other than 64/128/256; see above for sinks)
+run on the portable torch backend instead, planned for the same batch; the others stay on FlashInfer. CUDA
+graphs are off for such models (the torch backend plans on the host per batch), and so for every model with
+sinks (masked batches may need the fallback; the graph-mode decode wrappers have no sink variant).
 
 Both use the NHD layout, which is pie's cache layout: kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
 FlashInfer's causal mode aligns the query block to the end of the KV (query i of a request with qo_len n and
@@ -36,6 +46,7 @@ for one fixed batch size; the eager wrappers above are untouched by it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -43,6 +54,8 @@ import torch
 
 from pie.attention.base import AttentionBackend, AttentionMetadata, AttentionParams
 from pie.errors import DriverError
+
+log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended float workspace (split-k partial results)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -68,8 +81,8 @@ def unsupported_reason(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtyp
 
 def params_unsupported_reason(p: AttentionParams, dtype: torch.dtype) -> str | None:
     """Why FlashInfer's paged wrappers cannot run a layer of these params (None when they can)."""
-    if p.has_sinks:
-        return "attention sinks are not supported by FlashInfer's paged FA2 wrappers (0.6.3)"
+    if p.has_sinks and p.logits_soft_cap > 0:
+        return "FlashInfer 0.6.3's attention-sink wrapper has no logit soft-cap"
     return unsupported_reason(p.num_qo_heads, p.num_kv_heads, p.head_dim, dtype)
 
 
@@ -195,9 +208,26 @@ class FlashInferBackend(AttentionBackend):
             ) from None
         # Zero-filled: the decode wrapper requires a zeroed float workspace on first use.
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        # kind -> (decode wrapper, prefill wrapper)
+        # kind -> (decode wrapper, prefill wrapper); sink kinds -> their sink wrapper (causal batches only)
         self._wrappers: dict[AttentionParams, tuple[Any, Any]] = {}
-        for p in supported:
+        self._sink_wrappers: dict[AttentionParams, Any] = {}
+        for p in [p for p in supported if p.has_sinks]:
+            try:
+                self._sink_wrappers[p] = flashinfer.BatchAttentionWithAttentionSinkWrapper(
+                    self._workspace,
+                    KV_LAYOUT,
+                    backend=FA_BACKEND,
+                    q_data_type=dtype,
+                    kv_data_type=dtype,
+                    head_dim_qk=p.head_dim,
+                    head_dim_vo=p.head_dim,
+                    window_left=p.window_left,
+                )
+            except Exception as e:  # its FA2 variant is JIT-built: a host without nvcc cannot
+                log.warning(
+                    "FlashInfer attention-sink wrapper unavailable (%s); those layers run on torch", e
+                )
+        for p in [p for p in supported if not p.has_sinks]:
             tc = decode_uses_tensor_cores(p.num_qo_heads, p.num_kv_heads)
             self._wrappers[p] = (
                 flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -210,13 +240,14 @@ class FlashInferBackend(AttentionBackend):
         self.decode_tensor_cores = decode_uses_tensor_cores(num_qo_heads, num_kv_heads)
         # Kinds FlashInfer lacks a feature for run on the torch backend, per layer (see the module docstring).
         self._fallback: AttentionBackend | None = None
-        if len(supported) < len(reasons):
+        if len(self._wrappers) < len(reasons):  # unsupported kinds, or sink kinds (masked batches)
             from pie.attention.torch_backend import TorchBackend
 
             self._fallback = TorchBackend(
                 num_qo_heads, num_kv_heads, head_dim, page_size, dtype, self.device, sm_scale, layer_params
             )
         self._active: dict[AttentionParams, Any] = {}  # kind -> the wrapper planned for the current batch
+        self._planned = False  # _active may be empty after a plan (sink kinds of a masked batch: fallback)
         self._graph_workspace: torch.Tensor | None = None  # graph wrappers' own, when they need more
 
     @property
@@ -242,7 +273,7 @@ class FlashInferBackend(AttentionBackend):
         """One plan per attention kind present in the model (its decode or prefill wrapper)."""
         if meta.page_size != self.page_size:
             raise ValueError(f"metadata page_size {meta.page_size} != backend page_size {self.page_size}")
-        self._active = {}
+        self._active, self._planned = {}, True
         for p, (decode, prefill) in self._wrappers.items():
             if meta.is_decode:
                 args, kwargs = decode_plan_args(self, meta, p)
@@ -252,6 +283,11 @@ class FlashInferBackend(AttentionBackend):
                 args, kwargs = prefill_plan_args(self, meta, p)
                 prefill.plan(*args, **kwargs)
                 self._active[p] = prefill
+        if meta.mask is None:  # the sink wrapper has no custom mask: masked batches take the fallback
+            for p, sink in self._sink_wrappers.items():
+                args, kwargs = prefill_plan_args(self, meta, p)
+                sink.plan(*args, **kwargs)
+                self._active[p] = sink
         if self._fallback is not None:
             self._fallback.plan(meta)
 
@@ -264,7 +300,7 @@ class FlashInferBackend(AttentionBackend):
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [T, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] in self.dtype -> [T, Hq, D] in q's dtype."""
-        if not self._active:
+        if not self._planned:
             raise RuntimeError("FlashInferBackend.run called before plan")
         p = params or self.default_params
         wrapper = self._active.get(p)
@@ -273,8 +309,13 @@ class FlashInferBackend(AttentionBackend):
                 raise ValueError(f"layer {layer_idx}: attention params {p} were not given at construction")
             return self._fallback.run(q, kv_cache, layer_idx, p, sinks)
         # The kernels were planned for self.dtype; .contiguous() is a no-op for the model's fresh q.
-        out = wrapper.run(q.to(self.dtype).contiguous(), kv_cache)
-        return out.to(q.dtype)
+        out_dtype, q = q.dtype, q.to(self.dtype).contiguous()
+        if p.has_sinks:
+            if sinks is None:
+                raise ValueError(f"layer {layer_idx} has attention sinks but run() got no sink tensor")
+            # the variant's extra arguments: sink logits [Hq] fp32, then its softmax scale
+            return wrapper.run(q, kv_cache, sinks.float(), float(p.sm_scale)).to(out_dtype)
+        return wrapper.run(q, kv_cache).to(out_dtype)
 
 
 # ---- CUDA-graph decode --------------------------------------------------------------------------------

@@ -56,6 +56,18 @@ def model_shape(cfg: dict, dtype_bytes: int) -> dict:
         "vocab_size": cfg["vocab_size"],
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "params": pc.total,
+        # MoE: experts per sparse layer, routed per token, and how many layers are sparse (else absent)
+        **(
+            {
+                "moe": {
+                    "num_experts": pc.num_experts,
+                    "experts_per_token": pc.experts_per_token,
+                    "sparse_layers": pc.num_sparse_layers,
+                }
+            }  # fmt: skip
+            if pc.num_sparse_layers
+            else {}
+        ),
         "decode_weight_bytes": floors.decode_weight_bytes(cfg, dtype_bytes),
         "kv_bytes_per_token": floors.kv_bytes_per_token(cfg, dtype_bytes),
     }

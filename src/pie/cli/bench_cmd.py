@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--model-config",
         metavar="PATH|NAME",
         help="a model config .json, a checkpoint directory, or a bundled config "
-        "(qwen3-0.6b, llama-3.2-1b, llama-3.1-8b); a bare config runs with random weights",
+        "(qwen3-0.6b, llama-3.2-1b, llama-3.1-8b, phi-3-mini-4k, mixtral-8x7b, qwen3-30b-a3b, gpt-oss-20b); a bare "
+        "config runs with random weights",
     )
     p.add_argument(
         "--random-weights", action="store_true", help="random weights of the real shape (no checkpoint read)"

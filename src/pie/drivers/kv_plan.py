@@ -15,6 +15,8 @@ activation_reserve (cuda_native) estimates the transient peak of one forward pas
   T * (6 * hidden + 3 * intermediate) * act_bytes   residual, normed x, qkv, attention out (~6 H wide),
                                                     gate_up + activated product (3 I wide)
   + min(max_batch_size, T) * vocab * 16             fp32 logits and up to 3 same-size sampling temporaries
+  + T * k * (3 * I_moe * act_bytes + 4 * hidden)    MoE layers (fused_moe): gate_up + activated product of
+                                                    the k routed copies of each token, fp32 expert outputs
   + 256 MiB                                         FlashInfer workspace (128 MiB) and allocator slack
 """
 
@@ -55,6 +57,9 @@ def activation_reserve(spec: ExecutorSpec, config: ModelConfig, act_bytes: int) 
     """Estimated peak activation bytes of one forward pass (see the module docstring)."""
     T = spec.max_batch_tokens
     per_token = (6 * config.hidden_size + 3 * config.intermediate_size) * act_bytes
+    if config.moe is not None:
+        moe = config.moe
+        per_token += moe.top_k * (3 * moe.expert_intermediate_size * act_bytes + 4 * config.hidden_size)
     logits = min(spec.max_batch_size, T) * config.vocab_size * 16
     return T * per_token + logits + ACTIVATION_FIXED_BYTES
 

@@ -82,7 +82,7 @@ class Attention(nn.Module):
         )
         self.q_norm = norm_cls(q_dim, rms_norm_eps) if qk_norm != "none" else None
         self.k_norm = norm_cls(k_dim, rms_norm_eps) if qk_norm != "none" else None
-        # GPT-OSS style sink logits, one per query head (a hook: no family here has them yet)
+        # GPT-OSS's sink logits, one per query head
         self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.has_sinks else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(self.rotary.table_rows(positions, ctx.meta), q, k)
         scale = llama4_query_scale(positions, self.rotary.spec)  # [T] or None
         if scale is not None:
             q = q * scale.to(q.dtype)[:, None, None]

@@ -19,13 +19,15 @@ from torch import nn
 from pie.layers.attention import Attention, ForwardContext
 from pie.layers.embedding import LMHead, ScaledVocabEmbedding, VocabEmbedding
 from pie.layers.mlp import GatedMLP
+from pie.layers.moe import SparseMoE
 from pie.layers.norm import RMSNorm
 from pie.layers.rotary import RotaryCache
 from pie.models.config import ModelConfig
 
 
 class DecoderLayer(nn.Module):
-    """Attention + gated MLP of one layer; subclasses add the norms and the residual wiring."""
+    """Attention + the layer's MLP (gated dense, or the sparse MoE block where its spec says "sparse");
+    subclasses add the norms and the residual wiring."""
 
     norm_cls: type[RMSNorm] = RMSNorm
     qk_norm: str = "none"
@@ -44,7 +46,11 @@ class DecoderLayer(nn.Module):
             norm_cls=self.norm_cls,
             rms_norm_eps=c.rms_norm_eps,
         )
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
+        self.mlp: nn.Module = (
+            SparseMoE(c.hidden_size, c.moe)
+            if spec.mlp == "sparse"
+            else GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
+        )
 
     def norm(self, config: ModelConfig) -> RMSNorm:
         return self.norm_cls(config.hidden_size, config.rms_norm_eps)

@@ -1,5 +1,7 @@
-"""Rotary position embedding (NeoX/HF "rotate_half" layout), per layer: default, linear, llama3 and yarn
-frequencies (transformers' modeling_rope_utils semantics), plus Mistral 3's llama_4 query scaling.
+"""Rotary position embedding (NeoX/HF "rotate_half" layout), per layer: default, linear, llama3, yarn and
+longrope frequencies (transformers' modeling_rope_utils semantics), partial rotary (the first
+int(head_dim * partial_rotary_factor) dims of each head rotate, the rest pass through), plus Mistral 3's
+llama_4 query scaling.
 
 cos/sin are precomputed once in fp32 for every position < max_position (times yarn's attention factor, as
 transformers multiplies them) and gathered by the token positions each forward; the inferlet chooses
@@ -13,6 +15,8 @@ import math
 import torch
 
 from pie import kernels
+from pie.attention.base import AttentionMetadata
+from pie.layers.longrope import longrope_inv_freq, longrope_rows
 from pie.models.config import RopeSpec
 
 
@@ -69,7 +73,10 @@ def _yarn(head_dim: int, s: RopeSpec) -> tuple[torch.Tensor, float]:
 
 
 def rope_inv_freq(head_dim: int, spec: RopeSpec) -> tuple[torch.Tensor, float]:
-    """([head_dim // 2] fp32 inverse frequencies on the CPU, cos/sin scale), exactly as transformers."""
+    """([head_dim // 2] fp32 inverse frequencies on the CPU, cos/sin scale), exactly as transformers.
+    head_dim here is the rotated width (rotary_dim under partial rotary). longrope: the short set."""
+    if spec.rope_type == "longrope":
+        return longrope_inv_freq(head_dim, spec.theta, spec.short_factor), float(spec.attention_factor)
     if spec.rope_type == "yarn":
         return _yarn(head_dim, spec)
     inv_freq = _base_inv_freq(head_dim, spec.theta)
@@ -96,30 +103,58 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, max_position: int, spec: RopeSpec) -> None:
         self.head_dim = head_dim
+        self.rotary_dim = spec.rotary_dim(head_dim)
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= head_dim:
+            raise ValueError(f"rotary dim {self.rotary_dim} must be even and in (0, head_dim={head_dim}]")
         self.max_position = max_position
         self.spec = spec
-        self.inv_freq, self.attention_scaling = rope_inv_freq(head_dim, spec)
-        self._cos_sin: torch.Tensor | None = None  # [max_position, head_dim] fp32: cos half | sin half
+        inv_freq, self.attention_scaling = rope_inv_freq(self.rotary_dim, spec)
+        self.inv_freqs = [inv_freq]  # longrope: [short, long]; the table stacks one block per set
+        if spec.rope_type == "longrope":
+            self.inv_freqs.append(longrope_inv_freq(self.rotary_dim, spec.theta, spec.long_factor))
+        # [len(inv_freqs) * max_position, rotary_dim] fp32: cos half | sin half
+        self._cos_sin: torch.Tensor | None = None
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.inv_freqs[0]
 
     def cos_sin(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin is None or self._cos_sin.device != device:
             pos = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
-            freqs = torch.outer(pos, self.inv_freq)  # [max_position, head_dim // 2]
-            cs = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
-            if self.attention_scaling != 1.0:  # yarn: transformers scales cos and sin in fp32
-                cs = cs * self.attention_scaling
-            self._cos_sin = cs.to(device)
+            blocks = []
+            for inv_freq in self.inv_freqs:
+                freqs = torch.outer(pos, inv_freq)  # [max_position, rotary_dim // 2]
+                cs = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+                if self.attention_scaling != 1.0:  # yarn, longrope: transformers scales cos and sin in fp32
+                    cs = cs * self.attention_scaling
+                blocks.append(cs)
+            self._cos_sin = torch.cat(blocks).to(device)
         return self._cos_sin
 
+    def table_rows(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """[T] rows of the cos/sin table for the tokens at `positions`: the positions themselves, except
+        under longrope (the long set's rows for requests past original_max_position_embeddings)."""
+        if len(self.inv_freqs) == 1:
+            return positions
+        return longrope_rows(positions, meta, self.spec.original_max_position_embeddings, self.max_position)
+
     def __call__(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64; q: [T, Hq, D]; k: [T, Hkv, D]. Returns rotated (q, k), new tensors.
-        On CUDA: one Triton launch (pie.kernels.apply_rope) that gathers cos/sin itself."""
+        """rows: [T] int64 (table_rows; the positions except under longrope); q: [T, Hq, D]; k: [T, Hkv, D].
+        Returns rotated (q, k), new tensors. On CUDA: one Triton launch (pie.kernels.apply_rope) that gathers
+        cos/sin itself; under partial rotary it rotates strided views of the first rotary_dim dims."""
+        rd = self.rotary_dim
+        q_rot, k_rot = (q, k) if rd == self.head_dim else (q[..., :rd], k[..., :rd])
         if kernels.use_triton(q):
-            return kernels.apply_rope(q, k, positions, self.cos_sin(q.device))
-        cos, sin = self.cos_sin(q.device)[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q_rot, k_rot = kernels.apply_rope(q_rot, k_rot, rows, self.cos_sin(q.device))
+        else:
+            cos, sin = self.cos_sin(q.device)[rows].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rd/2] each
+            q_rot, k_rot = _rotate(q_rot, cos, sin), _rotate(k_rot, cos, sin)
+        if rd == self.head_dim:
+            return q_rot, k_rot
+        return torch.cat([q_rot, q[..., rd:]], dim=-1), torch.cat([k_rot, k[..., rd:]], dim=-1)
 
 
 class RotaryCache:

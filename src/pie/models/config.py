@@ -17,9 +17,11 @@ from pathlib import Path
 
 from pie.errors import ModelError
 
-# Rope types we implement (pie.layers.rotary); anything else (dynamic, longrope, ...) is rejected by name
-# rather than silently computed wrong.
+# Rope types parse_rope accepts (pie.layers.rotary); anything else (dynamic, longrope, ...) is rejected by name
+# rather than silently computed wrong. LongRoPE is a rope type too (RopeSpec.rope_type "longrope"), parsed by
+# the one family that ships it (models/phi3.py), whose config layout and defaults are its own.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MLP_KINDS = ("dense", "sparse")
 ATTENTION_KINDS = ("full", "sliding")
 # HF layer_types spellings -> pie attention kinds
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
@@ -34,6 +36,10 @@ class RopeSpec:
     extrapolated frequencies (beta_fast/beta_slow, `truncate`), cos/sin scaled by the attention factor
     (explicit, or from mscale / mscale_all_dim). llama_4_scaling_beta (Mistral 3): queries are scaled by
     1 + beta * log(1 + floor(pos / original_max_position_embeddings)) after RoPE.
+
+    longrope (Phi-3): inv_freq = 1 / (ext[i] * theta^(2i/d)) with ext = short_factor, or long_factor for the
+    tokens of a request whose largest position in the batch is >= original_max_position_embeddings; cos/sin
+    scaled by attention_factor. partial_rotary_factor: only the first int(head_dim * factor) dims rotate.
     """
 
     theta: float = 10000.0
@@ -49,6 +55,37 @@ class RopeSpec:
     attention_factor: float | None = None
     truncate: bool = True
     llama_4_scaling_beta: float | None = None
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+    partial_rotary_factor: float = 1.0
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts MLPs (Mixtral, Qwen3-MoE, GPT-OSS): a router picks `top_k` of `num_experts`
+    gated experts per token. Which layers are sparse is per layer (LayerSpec.mlp); this holds what every
+    sparse layer of the model shares.
+
+    router: "softmax_topk" (softmax over all experts in fp32, then the top k, optionally renormalized) or
+    "topk_softmax" (GPT-OSS: the top k logits, then a softmax over those k).
+    activation: "silu" (SwiGLU: silu(gate) * up) or "swiglu_oai" (GPT-OSS: gate, up clamped to
+    `swiglu_limit`, gate * sigmoid(alpha * gate) * (up + 1)). bias: router and experts carry biases."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    renormalize: bool  # divide the top-k probabilities by their sum (Mixtral always; Qwen3 `norm_topk_prob`)
+    # True: routing weights are cast to the activation dtype before scaling the experts' outputs (Qwen);
+    # False: they stay fp32 (Mixtral). Only matters below fp32.
+    weights_in_activation_dtype: bool
+    router: str = "softmax_topk"
+    activation: str = "silu"
+    bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
 
 @dataclass(frozen=True)
@@ -63,7 +100,8 @@ class LayerSpec:
     sm_scale: float  # softmax scale of q.k (head_dim**-0.5, or Gemma's query_pre_attn_scalar**-0.5)
     sliding_window: int | None = None  # tokens a query sees, itself included (HF: q - kv < window)
     logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
-    has_sinks: bool = False  # a learned per-head sink logit joins the softmax (GPT-OSS; hook for later)
+    has_sinks: bool = False  # a learned per-head sink logit joins the softmax (GPT-OSS)
+    mlp: str = "dense"  # "dense" (GatedMLP of intermediate_size) | "sparse" (ModelConfig.moe's experts)
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,7 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...] = ()
     hidden_act: str = "silu"  # "silu" or "gelu_tanh" (of the gated MLP)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    moe: MoEConfig | None = None  # set when any layer's mlp is "sparse"
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # checkpoint dtype as named in config.json, e.g. "bfloat16"
@@ -101,9 +140,21 @@ class ModelConfig:
 
         return get_model_class(model_type).config_from_hf(d)
 
+    def __post_init__(self) -> None:
+        sparse = self.sparse_layers
+        if sparse and self.moe is None:
+            raise ModelError(f"{self.model_type}: layers {list(sparse)} are sparse but the config has no MoE")
+        if self.moe is not None and not sparse:
+            raise ModelError(f"{self.model_type}: an MoE config without sparse layers")
+
     @property
     def attention_kinds(self) -> tuple[str, ...]:
         return tuple(k for k in ATTENTION_KINDS if any(layer.attention == k for layer in self.layers))
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose MLP is the MoE block."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mlp == "sparse")
 
 
 # ---- helpers the family files build their configs from ---------------------------------------------------
@@ -284,9 +335,12 @@ def build_layers(
     window: int | None = None,
     sm_scale: float | None = None,
     logit_softcap: float | None = None,
+    sparse_layers: tuple[int, ...] = (),
+    has_sinks: bool = False,
 ) -> tuple[LayerSpec, ...]:
     """LayerSpecs from common_fields() output: layer i has attention kinds[i], rope ropes[kinds[i]] (or
-    ropes[""] for all), the sliding `window` on sliding layers, and the same heads everywhere."""
+    ropes[""] for all), the sliding `window` on sliding layers, the same heads everywhere, and the MoE
+    block where i is in sparse_layers."""
     heads, kv, hd = common["num_heads"], common["num_kv_heads"], common["head_dim"]
     return tuple(
         LayerSpec(
@@ -298,8 +352,10 @@ def build_layers(
             sm_scale=sm_scale if sm_scale is not None else hd**-0.5,
             sliding_window=window if kind == "sliding" else None,
             logit_softcap=logit_softcap,
+            has_sinks=has_sinks,
+            mlp="sparse" if i in sparse_layers else "dense",
         )
-        for kind in kinds
+        for i, kind in enumerate(kinds)
     )
 
 

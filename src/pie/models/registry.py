@@ -21,6 +21,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "ministral": ("pie.models.ministral", "MinistralForCausalLM"),
     "ministral3": ("pie.models.mistral3", "Ministral3ForCausalLM"),
     "mistral3": ("pie.models.mistral3", "Mistral3ForConditionalGeneration"),
+    "mixtral": ("pie.models.mixtral", "MixtralForCausalLM"),
+    "qwen3_moe": ("pie.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "phi3": ("pie.models.phi3", "Phi3ForCausalLM"),
+    "gpt_oss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
+    "gptoss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
 }
 
 

@@ -7,13 +7,27 @@ Per checkpoint tensor: (1) the model's `checkpoint_prefixes` rename a multimodal
 the tensor; (3) FP8 weights with a `weight_scale_inv` (per tensor, per row or per block) are dequantized to
 the parameter's dtype (until FP8 GEMMs exist); their activation scales are not needed. Tensors are read
 straight onto the parameter's device and cast by copy_.
+
+MoE families also declare, as data:
+- `checkpoint_renames`: name fragments renamed after the prefixes (Mixtral's `.block_sparse_moe.` is pie's
+  `.mlp.`);
+- `expert_params_mapping`: per-expert tensors `...experts.{e}.{part}.weight` -> (stacked parameter, part),
+  e.g. {"w1": ("gate_up_proj", "gate")}; the experts module's `load_shard` places expert e's slice. A
+  checkpoint already stacked (`experts.gate_up_proj`, transformers 5's layout) loads 1:1;
+- `checkpoint_transforms`: parameter-name suffix -> a function from the checkpoint tensor (transformers'
+  layout) to pie's (GPT-OSS: transposed, interleaved gate/up experts).
+MXFP4 tensors (`<name>_blocks` uint8 [..., G, 16] with `<name>_scales` uint8 [..., G] beside them, GPT-OSS's
+experts) are dequantized to the layout transformers' Mxfp4 dequantization produces for `<name>` (what a
+bf16 checkpoint of the same model stores), then loaded as `<name>`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +58,32 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     bo, bi = -(-rows // s.shape[0]), -(-cols // s.shape[1])
     full = s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
     return w * full
+
+
+# MXFP4 (OCP microscaling FP4, E2M1): the 16 values of a nibble; low nibble first in each byte.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_MXFP4_BLOCKS, _MXFP4_SCALES = "_blocks", "_scales"
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 weights from MXFP4 blocks [E, R, G, 16] uint8 (two E2M1 values per byte, low nibble first) and
+    scales [E, R, G] uint8 (a power-of-two exponent biased by 127 per group of 32 values).
+
+    Returns [E, G * 32, R]: each row r's G * 32 values, then the last two dims swapped, exactly as
+    transformers' convert_moe_packed_tensors (integrations/mxfp4.py) lays out its dequantized parameter."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 4 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(
+            f"MXFP4 blocks must be uint8 [E, R, G, 16] with scales [E, R, G]; got {tuple(blocks.shape)} "
+            f"{blocks.dtype} and {tuple(scales.shape)}"
+        )
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    lo, hi = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]  # [E, R, G, 16] each
+    vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # [E, R, G, 32]: low nibble is the even element
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return vals.flatten(-2).transpose(1, 2).contiguous()  # [E, G * 32, R]
+
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -77,6 +117,11 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, str | int]] = getattr(model, "packed_modules_mapping", {})
     prefixes: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
+    renames: dict[str, str] = getattr(model, "checkpoint_renames", {})
+    experts: dict[str, tuple[str, str]] = getattr(model, "expert_params_mapping", {})
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = getattr(
+        model, "checkpoint_transforms", {}
+    )
     device = next(iter(params.values())).device
     # safetensors takes "cpu", "cuda:N" (int index also works); reading onto the target device skips a hop.
     st_device = str(device) if device.type != "cuda" else f"cuda:{device.index or 0}"
@@ -98,14 +143,26 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     bar.update(1)
                     if key.endswith(_IGNORED_SUFFIXES) or key.endswith(_SCALE_SUFFIXES):
                         continue
-                    name, shard_id = _target(_rename(key, prefixes), packed)
+                    mx_base = _mxfp4_base(key, key_set)
+                    if key.endswith(_MXFP4_SCALES) and key[: -len(_MXFP4_SCALES)] + _MXFP4_BLOCKS in key_set:
+                        continue  # read with its blocks
+                    target_key = key if mx_base is None else mx_base
+                    name, shard_id = _target(
+                        _renamed(_rename(target_key, prefixes), renames), packed, experts
+                    )
                     param = params.get(name)
                     if param is None:
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
                         continue
                     tensor = f.get_tensor(key)
+                    if mx_base is not None:
+                        try:
+                            tensor = dequantize_mxfp4(tensor, f.get_tensor(mx_base + _MXFP4_SCALES))
+                        except ValueError as e:
+                            raise ModelError(f"checkpoint tensor {key}: {e}") from None
                     if tensor.dtype in _FP8:
                         tensor = _dequantized(f, key, key_set, tensor)
+                    tensor = _transformed(name, tensor, transforms)
                     try:
                         if shard_id is None:
                             if param.shape != tensor.shape:
@@ -121,12 +178,11 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     except ValueError as e:
                         raise ModelError(f"checkpoint tensor {key} does not fit {name}: {e}") from None
     for name, seen in shard_seen.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        if seen == set(module.shard_slices):
+        if seen == _expected_shards(model, name):
             loaded.add(name)
     missing = [n for n in params if n not in loaded]
     if missing:
-        shown = ", ".join(_checkpoint_names(n, packed, shard_seen.get(n, set())) for n in missing[:8])
+        shown = ", ".join(_missing_names(model, n, packed, shard_seen.get(n, set())) for n in missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
 
@@ -162,8 +218,49 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     return key
 
 
-def _target(key: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
-    """Checkpoint key -> (parameter name, shard id or None)."""
+def _mxfp4_base(key: str, keys: set[str]) -> str | None:
+    """`<name>` for an MXFP4 `<name>_blocks` key whose `<name>_scales` sits in the same file, else None."""
+    if not key.endswith(_MXFP4_BLOCKS):
+        return None
+    base = key[: -len(_MXFP4_BLOCKS)]
+    if base + _MXFP4_SCALES not in keys:
+        raise ModelError(
+            f"checkpoint tensor {key} looks like MXFP4 blocks but {base}{_MXFP4_SCALES} is not in the same file; "
+            "pie dequantizes MXFP4 blocks with their scales"
+        )
+    return base
+
+
+def _transformed(name: str, tensor: torch.Tensor, transforms: dict) -> torch.Tensor:
+    for suffix, fn in transforms.items():
+        if name.endswith(suffix):
+            return fn(tensor)
+    return tensor
+
+
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _expected_shards(model: torch.nn.Module, name: str) -> set:
+    """Shard ids that together fill parameter `name` (a fused projection's, or every expert's parts)."""
+    module_name, param_name = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if hasattr(module, "shard_ids"):
+        return module.shard_ids(param_name)
+    return set(module.shard_slices)
+
+
+def _target(
+    key: str, packed: dict[str, tuple[str, str | int]], experts: dict[str, tuple[str, str]] | None = None
+) -> tuple[str, str | int | tuple | None]:
+    """Checkpoint key (renamed) -> (parameter name, shard id or None)."""
+    m = _EXPERT_KEY.match(key) if experts else None
+    if m and m["part"] in experts:
+        param, part = experts[m["part"]]
+        return f"{m['prefix']}.{param}", (int(m["expert"]), part)
     for part, (fused, shard_id) in packed.items():
         if f".{part}." in key:
             return key.replace(f".{part}.", f".{fused}."), shard_id
@@ -178,3 +275,14 @@ def _checkpoint_names(param: str, packed: dict[str, tuple[str, str | int]], seen
         if f".{fused}." in param and shard_id not in seen
     ]
     return ", ".join(names) if names else param
+
+
+def _missing_names(model: torch.nn.Module, param: str, packed: dict, seen: set) -> str:
+    """What the checkpoint lacks for `param`: its checkpoint names, or for stacked experts which ones."""
+    module = model.get_submodule(param.rsplit(".", 1)[0])
+    if not hasattr(module, "shard_ids"):
+        return _checkpoint_names(param, packed, seen)
+    absent = sorted(module.shard_ids(param.rsplit(".", 1)[1]) - seen)
+    if not seen:  # neither the stacked tensor nor any per-expert one
+        return f"{param} (or its per-expert tensors)"
+    return f"{param}: {len(absent)} expert slices, e.g. expert {absent[0][0]} {absent[0][1]}"
