@@ -9,7 +9,7 @@ previous step returned; see ForwardBatch.prev_token_rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,15 +30,31 @@ class Chunk:
     is_step: bool = False  # a generation step (its output is the next token)
 
 
-def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
-    R = len(chunks)
-    tokens: list[int] = []
-    positions: list[int] = []
-    pages: list[int] = []
-    his: list[int] = []
-    los: list[int] = []
-    records: list[np.ndarray] = []
-    feeds = None
+@dataclass(eq=False, slots=True)
+class FedSteps:
+    """Generation steps whose token comes from the previous batch, gathered by the scheduler as it plans
+    them: rows 0..n-1 of the batch, one token and one output each (the hot path, kept as flat lists)."""
+
+    gens: list = field(default_factory=list)  # Generation per row
+    his: list[int] = field(default_factory=list)  # KV length after the step (its slot + 1)
+    positions: list[int] = field(default_factory=list)
+    num_pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # the rows' page lists, concatenated
+    feeds: list[int] = field(default_factory=list)  # output row of the previous batch holding the token
+    records: list[np.ndarray] = field(default_factory=list)  # sampler record per row
+    return_logprobs: bool = False  # a row wants the log-probability of its token
+
+
+def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None) -> ForwardBatch:
+    n_fed = 0 if fed is None else len(fed.gens)
+    R = n_fed + len(chunks)
+    tokens: list[int] = [0] * n_fed  # placeholders: the device feeds them (prev_token_rows)
+    positions: list[int] = [] if fed is None else list(fed.positions)
+    pages: list[int] = [] if fed is None else list(fed.pages)
+    his: list[int] = [] if fed is None else list(fed.his)
+    los: list[int] = [h - 1 for h in his]
+    records: list[np.ndarray] = [] if fed is None else list(fed.records)
+    feeds = list(enumerate(fed.feeds)) if n_fed else None
     all_steps = True
     for c in chunks:
         s = c.work.seq
@@ -84,16 +100,16 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
     if all_steps:  # generation steps: one output each, the chunk's last row
         outs = qo_indptr[1:].astype(np.int64) - 1
     else:
-        out_counts = np.fromiter(
-            (1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks), np.int64, R
-        )
-        slots = [np.array([c.hi - 1]) if c.out_slots is None else c.out_slots for c in chunks]
-        outs = np.concatenate(slots).astype(np.int64) + np.repeat(qo_indptr[:-1] - lo, out_counts)
+        # fed steps first (one output each, their only row), then each chunk's output slots
+        counts_out = [1] * n_fed + [1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks]
+        slots = [np.asarray(his[:n_fed], np.int64) - 1]
+        slots += [np.array([c.hi - 1]) if c.out_slots is None else c.out_slots for c in chunks]
+        outs = np.concatenate(slots).astype(np.int64) + np.repeat(qo_indptr[:-1] - lo, counts_out)
     samplers = np.concatenate(records).view(SAMPLER_DTYPE) if records else np.zeros(0, SAMPLER_DTYPE)
 
     mask = mask_indptr = None
     if any(c.work.mask is not None for c in chunks):
-        blocks = []
+        blocks = [np.tri(1, h, k=h - 1, dtype=bool).reshape(-1) for h in his[:n_fed]]
         for c in chunks:
             rows = c.work.mask_rows(c.lo, c.hi, c.hi)
             if rows is None:  # causal over slots: row i sees slots 0..lo + i
@@ -119,17 +135,22 @@ def build_batch(chunks: list[Chunk], page_size: int) -> ForwardBatch:
         seed=samplers["seed"].copy(),
         dist_k=samplers["dist_k"].copy(),
         return_logits=samplers["return_logits"].copy(),
-        return_logprobs=any(c.work.return_logprobs for c in chunks),
+        return_logprobs=(fed is not None and fed.return_logprobs)
+        or any(c.work.return_logprobs for c in chunks),
         mask=mask,
         mask_indptr=mask_indptr,
         prev_token_rows=prev_rows,
     )
 
 
-def split_result(result: ForwardResult, batch: ForwardBatch, chunks: list[Chunk]) -> list[ForwardResult]:
-    """Each chunk's rows of a batch result (outputs are contiguous per chunk, in chunk order)."""
+def split_result(
+    result: ForwardResult, batch: ForwardBatch, chunks: list[Chunk], n_fed: int = 0
+) -> list[ForwardResult]:
+    """Each chunk's rows of a batch result (outputs are contiguous per chunk, in chunk order, after the
+    n_fed rows of fed generation steps)."""
     out_indptr = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([1 if c.out_slots is None else c.out_slots.shape[0] for c in chunks], out=out_indptr[1:])
+    out_indptr += n_fed
     logit_indptr = np.concatenate([[0], np.cumsum(batch.return_logits)])[out_indptr]
 
     def rows(a, lo, hi):

@@ -31,7 +31,7 @@ import numpy as np
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
 from pie.errors import DriverError
-from pie.runtime.batching import Chunk, build_batch, check_result, split_result
+from pie.runtime.batching import _RECORD, Chunk, FedSteps, build_batch, check_result, split_result
 from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import OutOfPagesError
 from pie.runtime.sequence import DROPPED, RESIDENT, SWAPPED, Sequence
@@ -50,6 +50,7 @@ class _Batch:
     task: asyncio.Task
     only_steps: bool  # every chunk is a generation step: the next batch may be queued behind it
     pinned: np.ndarray  # pages pinned by the batch
+    fed: FedSteps  # its first rows: generation steps fed on the device
 
 
 class Scheduler:
@@ -68,6 +69,7 @@ class Scheduler:
         self._arrivals = 0
         self.num_steps = 0
         self.pipelining = True
+        self._fed = FedSteps()  # the fed steps of the batch being planned (see _plan)
 
     # ---- public --------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +162,7 @@ class Scheduler:
             while True:
                 while self.works and self._may_launch():
                     chunks = self._plan()
-                    if not chunks:
+                    if not chunks and not self._fed.gens:
                         break
                     self._launch(chunks)
                 if not self._inflight:
@@ -250,8 +252,19 @@ class Scheduler:
             steps.sort(key=lambda w: w.seq.last_step)
             decodes.sort(key=lambda w: w.seq.last_step)
         max_pos = self.max_position
+        number = self.num_steps  # the batch this plan becomes
+        fed = self._fed = FedSteps()
+        f_gens, f_his, f_pos, f_np, f_pages, f_feeds, f_recs = (
+            fed.gens,
+            fed.his,
+            fed.positions,
+            fed.num_pages,
+            fed.pages,
+            fed.feeds,
+            fed.records,
+        )
         for g in steps:
-            if len(chunks) >= dec_rows or dec_budget <= 0:
+            if len(f_gens) >= dec_rows or dec_budget <= 0:
                 break
             seq = g.seq
             nt = len(seq.tokens)
@@ -260,24 +273,46 @@ class Scheduler:
                 continue  # ends with "length" when its last step returns
             # a new page when the last is full; no copy-on-write check: the page a fed step writes was
             # written by its previous step, and nothing shares a generating context's partial page
-            if nt >= len(seq.pages) * ps and not self._reserve(seq, nt + 1, in_plan, True):
-                continue
+            pages = seq.pages
+            if nt >= len(pages) * ps:
+                if not self._reserve(seq, nt + 1, in_plan, True):
+                    continue
+                pages = seq.pages
             seq.tokens.append(-1)  # filled on the device from the batch in flight, here when it returns
             seq.positions.append(pos)
-            samp = g.samplers
-            if g.seed is not None:
-                samp = samp.copy()
+            if g.seed is None:
+                rec = g.record
+                if rec is None:
+                    rec = g.record = g.samplers.view(_RECORD)
+            else:
+                samp = g.samplers.copy()
                 samp["seed"] = step_seed(g.seed, g.steps)
+                rec = samp.view(_RECORD)
             g.steps += 1
             if seq.causal_len >= nt:
                 seq.causal_len = nt + 1
             seq.kv_len = nt + 1
             in_plan.add(seq.id)
-            chunks.append(Chunk(g, nt, nt + 1, None, samp, g.last_row, True))
+            # launch bookkeeping here (rows 0..n-1 of the batch are these steps, in this order)
+            seq.inflight += 1
+            seq.last_step = number
+            g.inflight += 1
+            f_feeds.append(g.last_row)
+            g.last_batch = number
+            g.last_row = len(f_gens)
+            f_gens.append(g)
+            f_his.append(nt + 1)
+            f_pos.append(pos)
+            n = nt // ps + 1
+            f_np.append(n)
+            f_pages += pages[:n]
+            f_recs.append(rec)
+            if g.return_logprobs:
+                fed.return_logprobs = True
             budget -= 1
             dec_budget -= 1
         for w in decodes:
-            if len(chunks) >= dec_rows or budget <= 0:
+            if len(chunks) + len(f_gens) >= dec_rows or budget <= 0:
                 break
             c = self._chunk(w, min(budget, dec_budget), in_plan, may_preempt=True)
             if c is not None:
@@ -285,7 +320,7 @@ class Scheduler:
                 budget -= c.hi - c.lo
                 dec_budget -= c.hi - c.lo
         for w in prefills:
-            if len(chunks) >= rows or budget <= 0:
+            if len(chunks) + len(f_gens) >= rows or budget <= 0:
                 break
             # a prefill under way may take pages from others; a new one, or one resuming from scratch
             # after a preemption, waits for free memory (admission control, no thrashing)
@@ -431,10 +466,12 @@ class Scheduler:
 
     # ---- launching and finishing -------------------------------------------------------------
     def _launch(self, chunks: list[Chunk]) -> None:
+        """Send the planned batch: the fed steps _plan gathered (rows first), then `chunks`."""
         number = self.num_steps
         self.num_steps += 1
-        row = 0
-        decoded = 0
+        fed, self._fed = self._fed, FedSteps()
+        row = len(fed.gens)
+        decoded = row
         for c in chunks:
             w = c.work
             seq = w.seq
@@ -447,7 +484,7 @@ class Scheduler:
                 decoded += c.hi - c.lo == 1
             else:
                 row += c.out_slots.shape[0]
-        batch = build_batch(chunks, self.kv.ps)
+        batch = build_batch(chunks, self.kv.ps, fed)
         # every page a chunk reads or writes stays pinned until the batch ends
         pinned = batch.kv_page_indices
         self.kv.alloc.pin(pinned)
@@ -458,7 +495,7 @@ class Scheduler:
             loop.create_task(self._page_ops(ops), name="pie-page-ops")
         task = loop.create_task(self._forward(batch), name="pie-forward")
         only_steps = all(c.is_step for c in chunks)
-        self._inflight.append(_Batch(number, chunks, batch, task, only_steps, pinned))
+        self._inflight.append(_Batch(number, chunks, batch, task, only_steps, pinned, fed))
 
     async def page_io(self, ops: PageOps) -> PageOpsResult:
         """Run page operations (e.g. reads for a snapshot file) in order with the batches."""
@@ -493,22 +530,32 @@ class Scheduler:
         else:
             err = None
         self.kv.alloc.unpin(b.pinned)
+        fed = b.fed
         if err is not None:
-            for c in b.chunks:
-                c.work.seq.inflight -= 1
-                c.work.inflight -= 1
-            for c in b.chunks:
-                self._fail(c.work, err, rollback_to=c.lo)
-            for c in b.chunks:  # works whose last batch just ended
-                w = c.work
+            ends = [(g, h - 1) for g, h in zip(fed.gens, fed.his, strict=True)]
+            ends += [(c.work, c.lo) for c in b.chunks]
+            for w, _ in ends:
+                w.seq.inflight -= 1
+                w.inflight -= 1
+            for w, lo in ends:
+                self._fail(w, err, rollback_to=lo)
+            for w, _ in ends:  # works whose last batch just ended
                 if w.inflight == 0 and not w.retired:
                     self._retire(w)
             return
         tokens = result.tokens.tolist()
         logprobs = result.logprobs
-        row = 0
-        parts = None
         step_done = self._step_done
+        for row, (g, hi) in enumerate(zip(fed.gens, fed.his, strict=True)):
+            g.seq.inflight -= 1
+            g.inflight -= 1
+            if g.failed or g.seq.closed:
+                if g.inflight == 0 and not g.retired:
+                    self._retire(g)
+                continue
+            step_done(g, hi, tokens[row], None if logprobs is None else float(logprobs[row]))
+        row = len(fed.gens)
+        parts = None
         for i, c in enumerate(b.chunks):
             w = c.work
             w.seq.inflight -= 1
@@ -519,14 +566,14 @@ class Scheduler:
                 row += 1 if c.is_step else c.out_slots.shape[0]
                 continue
             if c.is_step:
-                step_done(w, c, tokens[row], None if logprobs is None else float(logprobs[row]))
+                step_done(w, c.hi, tokens[row], None if logprobs is None else float(logprobs[row]))
                 row += 1
                 continue
             row += c.out_slots.shape[0]
             if w.is_generation:  # an early chunk of a first step
                 continue
             if parts is None:
-                parts = split_result(result, b.batch, b.chunks)
+                parts = split_result(result, b.batch, b.chunks, len(fed.gens))
             w.parts.append(parts[i])
             self.kv.register(w.seq, c.hi)
             if c.hi == w.end and w.inflight == 0:
@@ -554,10 +601,10 @@ class Scheduler:
             g.event.clear()
             await g.event.wait()
 
-    def _step_done(self, g: Generation, c: Chunk, t: int, logprob: float | None) -> None:
+    def _step_done(self, g: Generation, hi: int, t: int, logprob: float | None) -> None:
         seq = g.seq
         g.done_steps += 1
-        nxt = c.hi  # slot the sampled token goes to
+        nxt = hi  # slot the sampled token goes to
         has_slot = nxt < len(seq.tokens)  # the next step was queued with a placeholder there
         if has_slot:
             seq.tokens[nxt] = t
@@ -650,7 +697,10 @@ class Scheduler:
             seq.work = None
 
     def _fail_all(self, err: Exception) -> None:
-        for w in list(self.works) + [c.work for b in self._inflight for c in b.chunks]:
+        inflight = [c.work for b in self._inflight for c in b.chunks] + [
+            g for b in self._inflight for g in b.fed.gens
+        ]
+        for w in list(self.works) + inflight:
             self._fail(w, err)
             w.inflight = 0
             if w.seq.work is w:
