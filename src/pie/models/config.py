@@ -19,7 +19,7 @@ from pie.errors import ModelError
 
 # Rope types we implement (pie.layers.rotary); anything else (dynamic, longrope, ...) is rejected by name
 # rather than silently computed wrong.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ATTENTION_KINDS = ("full", "sliding")
 # HF layer_types spellings -> pie attention kinds
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
@@ -33,7 +33,9 @@ class RopeSpec:
     `factor`, smooth band between low/high_freq_factor. yarn: NTK-by-parts blend of interpolated and
     extrapolated frequencies (beta_fast/beta_slow, `truncate`), cos/sin scaled by the attention factor
     (explicit, or from mscale / mscale_all_dim). llama_4_scaling_beta (Mistral 3): queries are scaled by
-    1 + beta * log(1 + floor(pos / original_max_position_embeddings)) after RoPE.
+    1 + beta * log(1 + floor(pos / original_max_position_embeddings)) after RoPE. proportional (Gemma 4
+    global layers): only the first int(partial_rotary_factor * D / 2) frequencies rotate, with exponents over
+    the whole head_dim D (theta^(-2i/D)); the remaining pairs get frequency 0 (pass through), all / factor.
     """
 
     theta: float = 10000.0
@@ -49,6 +51,7 @@ class RopeSpec:
     attention_factor: float | None = None
     truncate: bool = True
     llama_4_scaling_beta: float | None = None
+    partial_rotary_factor: float = 1.0  # proportional only
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class LayerSpec:
     sliding_window: int | None = None  # tokens a query sees, itself included (HF: q - kv < window)
     logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     has_sinks: bool = False  # a learned per-head sink logit joins the softmax (GPT-OSS; hook for later)
+    # Shared KV (Gemma 4): the earlier layer whose KV cache this layer reads; it computes and writes no K/V
+    # of its own, and the executor allocates it no KV memory. None: the layer owns its cache.
+    kv_source: int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,12 @@ def parse_rope(p: dict, max_position: int, where: str) -> RopeSpec:
             return RopeSpec(**common)
         if rope_type == "linear":
             return RopeSpec(**common, factor=float(p["factor"]))
+        if rope_type == "proportional":
+            return RopeSpec(
+                **common,
+                factor=float(p.get("factor", 1.0)),
+                partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)),
+            )
         if rope_type == "llama3":
             return RopeSpec(
                 **common,
