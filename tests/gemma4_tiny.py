@@ -113,7 +113,7 @@ def make_gemma4_checkpoint(dirpath: str | Path, arch: str, **overrides) -> Path:
         cfg = json.loads(path.read_text())
         tc = cfg["text_config"]
         tc.pop("per_layer_config", None)
-        tc.update(global_head_dim=32, num_global_key_value_heads=None)
+        tc.update(global_head_dim=text.per_layer_config[2].head_dim, num_global_key_value_heads=None)
         path.write_text(json.dumps(cfg, indent=2))
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {

@@ -207,3 +207,47 @@ def test_wrapper_loads_text_tower(g4):
     assert row.supported and row.model_type == "gemma4" and row.drivers
     row = inspect_dir("gemma4_text", "local", g4("gemma4_text"))
     assert row.supported and row.model_type == "gemma4_text"
+
+
+def test_moe_grouped_path_equals_loop():
+    """The grouped (CUDA) expert path equals the per-expert loop (run here on the CPU: torch._grouped_mm has
+    a CPU kernel), including experts that receive no token."""
+    from pie.layers.gemma4_moe import Gemma4Experts, Gemma4Router
+
+    torch.manual_seed(0)
+    router, experts = Gemma4Router(16, 6, 2, 1e-6), Gemma4Experts(16, 12, 6, "gelu_tanh")
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3), experts.down_proj.normal_(0, 0.3)
+        router.proj.weight.normal_(0, 0.5)
+        router.per_expert_scale.uniform_(0.5, 1.5)
+        x = torch.randn(9, 16)
+        w, ids = router(x)
+        ids[:, :] = ids % 4  # experts 4 and 5 get nothing
+        a, b = experts.grouped(x, w, ids), experts.loop(x, w, ids)
+    assert torch.allclose(a, b, atol=1e-6), float((a - b).abs().max())
+    # top-k renormalized to 1 before the per-expert scale
+    w2, ids2 = router(x)
+    assert torch.allclose((w2 / router.per_expert_scale[ids2]).sum(-1), torch.ones(9))
+
+
+def test_bundled_e2b_config_builds_transformers_parameter_count():
+    """The bundled real-shape config (gemma-4-e2b: 35 layers, 20 KV-shared, PLE 256, global head dim 512)
+    builds on the meta device with transformers' own parameter count (+1 per layer: pie loads layer_scalar,
+    a buffer in transformers, as a parameter), and only the 15 producing layers hold KV."""
+    import transformers
+
+    from pie.bench import load_model_config
+    from pie.models.registry import get_model_class
+
+    d, _ = load_model_config("gemma-4-e2b")
+    mc = ModelConfig.from_hf(d)
+    hf_cfg = transformers.Gemma4TextConfig(
+        **{k: v for k, v in d.items() if k not in ("model_type", "architectures")}
+    )
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in get_model_class(mc.model_type)(mc).parameters())
+        ref = sum(p.numel() for p in transformers.Gemma4ForCausalLM(hf_cfg).parameters())
+    assert ours == ref + mc.num_layers
+    assert sum(s.kv_source is None for s in mc.layers) == 15
+    # bf16 page of 16 tokens: 12 sliding layers (1 x 256) and 3 full (1 x 512), K and V
+    assert page_bytes(mc, 16, torch.bfloat16) == 2 * 16 * 2 * (12 * 256 + 3 * 512)

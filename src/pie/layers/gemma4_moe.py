@@ -7,9 +7,12 @@ Gemma4TextRouter / Gemma4TextExperts, so checkpoint tensors load by name:
     router.proj.weight [E, H], router.scale [H], router.per_expert_scale [E]
     experts.gate_up_proj [E, 2 * I, H], experts.down_proj [E, H, I]
 
-Compute: a loop over the experts that received tokens (transformers' eager path, step for step, so fp32
-results match it exactly). Not yet a fused grouped GEMM on the GPU; see the module docstring of the shared
-MoE layer once merged.
+Compute, two paths with the same math:
+  * grouped (CUDA): the T*k (token, expert) pairs sorted by expert, then one torch._grouped_mm for all
+    experts' gate_up and one for down, offsets from a histogram on the device: no host sync, so decode can
+    be captured in a CUDA graph (transformers' grouped_mm experts path does the same).
+  * loop (CPU): over the experts that received tokens, transformers' eager path step for step, so fp32
+    results match it exactly.
 """
 
 from __future__ import annotations
@@ -57,6 +60,27 @@ class Gemma4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights [T, k] fp32; ids [T, k] -> [T, H] in x's dtype."""
+        if x.is_cuda and hasattr(torch, "_grouped_mm"):
+            return self.grouped(x, weights, ids)
+        return self.loop(x, weights, ids)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        k = ids.shape[1]
+        flat_ids, order = torch.sort(ids.reshape(-1), stable=True)  # [T*k] pairs grouped by expert
+        tok = order // k
+        counts = torch.histc(
+            flat_ids.float() if x.device.type == "cpu" else flat_ids.int(),
+            bins=self.num_experts,
+            min=0,
+            max=self.num_experts - 1,
+        )
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert's group
+        gate, up = torch._grouped_mm(x[tok], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [T*k, H]
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+
+    def loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         # [E, k, T] one-hot; only experts that received a token run (one host sync per layer)
         mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
