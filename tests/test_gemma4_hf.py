@@ -251,3 +251,36 @@ def test_bundled_e2b_config_builds_transformers_parameter_count():
     assert sum(s.kv_source is None for s in mc.layers) == 15
     # bf16 page of 16 tokens: 12 sliding layers (1 x 256) and 3 full (1 x 512), K and V
     assert page_bytes(mc, 16, torch.bfloat16) == 2 * 16 * 2 * (12 * 256 + 3 * 512)
+
+
+def test_pie_run_in_process_and_dev_driver(g4, tmp_path, monkeypatch, capsys):
+    """`pie run text-completion` on the gemma4 wrapper: the in-process driver and the dev driver (a
+    subprocess) print the same greedy completion."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pie.cli.main import main
+
+    monkeypatch.setenv("PIE_HOME", str(tmp_path / "pie-home"))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[[model]]\nname = "g4"\nhf_repo = "{g4("gemma4")}"\n[model.driver]\ntype = "dev"\ndevice = ["cpu"]\n'
+        'activation_dtype = "float32"\n[model.driver.options]\nkv_page_size = 4\nmax_batch_tokens = 64\n'
+    )
+    prompt = ["--", "--prompt", "Hello there", "--max-tokens", "8", "--temperature", "0"]
+    assert main(["run", "-c", str(cfg), "--in-process", "text-completion", *prompt]) == 0
+    in_process = capsys.readouterr().out
+    assert in_process.strip()
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "PIE_HOME": str(tmp_path / "pie-home")}
+    r = subprocess.run(
+        [sys.executable, "-m", "pie", "run", "-c", str(cfg), "text-completion", *prompt],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == in_process and "dev driver" in r.stderr

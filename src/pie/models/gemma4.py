@@ -249,7 +249,8 @@ class Gemma4RMSNorm(RMSNorm):
         xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         return (xf * self.weight.float()).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x: [..., dim] -> [..., dim] (no fused residual add: Gemma 4's blocks add after the norm)."""
         return self._norm(x)
 
 
