@@ -284,3 +284,38 @@ def test_pie_run_in_process_and_dev_driver(g4, tmp_path, monkeypatch, capsys):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == in_process and "dev driver" in r.stderr
+
+
+def test_older_and_wrapper_layouts_of_the_hub_config():
+    """No layer_types: every 6th layer full and the last layer forced full (Gemma4TextConfig's rule); no
+    rope_parameters: θ 10k default on sliding layers, proportional 0.25 at θ 1M on full ones; the wrapper's
+    eos ids at the top level reach the text config."""
+    from pie.bench import load_model_config
+
+    d, _ = load_model_config("gemma-4-e2b")
+    d = {k: v for k, v in d.items() if k not in ("layer_types", "rope_parameters", "eos_token_id")}
+    text = dict(d, num_hidden_layers=8, num_kv_shared_layers=2)
+    mc = ModelConfig.from_hf({"model_type": "gemma4", "eos_token_id": [1, 106], "text_config": text})
+    assert mc.model_type == "gemma4" and mc.eos_token_ids == (1, 106)
+    assert [s.attention for s in mc.layers] == ["sliding"] * 5 + ["full", "sliding", "full"]
+    assert [s.kv_source for s in mc.layers] == [None] * 6 + [4, 5]
+    full, local = mc.layers[5].rope, mc.layers[0].rope
+    assert (full.rope_type, full.theta, full.partial_rotary_factor) == ("proportional", 1e6, 0.25)
+    assert (local.rope_type, local.theta) == ("default", 1e4)
+    assert (mc.layers[5].head_dim, mc.layers[0].head_dim) == (512, 256)
+
+
+def test_no_ple_no_sharing_variant_matches_hf(tmp_path):
+    """The 26B/31B shape of the family: no per-layer embeddings, no KV sharing (every layer owns its cache),
+    MoE and k_eq_v on; one batched prefill within 1e-4 of transformers."""
+    path = make_gemma4_checkpoint(tmp_path / "g4", "gemma4_text", hidden_size_per_layer_input=0,
+                                  num_kv_shared_layers=0)  # fmt: skip
+    ex = make_executor(path, 4, num_pages=40)
+    cfg = ex.model_config
+    assert cfg.ple_dim == 0 and all(s.kv_source is None for s in cfg.layers)
+    assert not hasattr(ex.model.model, "embed_tokens_per_layer")
+    seqs = PagedSeqs(ex.num_pages, 4)
+    prompts = _prompts(cfg.vocab_size, seed=5)
+    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], 4)
+    for rows, p in zip(split_rows(ex.execute(batch), batch), prompts, strict=True):
+        assert_close(rows, hf_logits(path, p))

@@ -158,7 +158,7 @@ def _kv_sources(kinds: list[str], num_shared: int) -> list[int | None]:
 
 def gemma4_text_config(d: dict, model_type: str | None = None) -> Gemma4Config:
     mt = d["model_type"]
-    d = {**_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k not in _DEFAULTS}}
+    d = {**_DEFAULTS, **d}  # defaults for absent keys only: an explicit null (e.g. no PLE) stays null
     bidir = d.get("use_bidirectional_attention")
     if bidir == "all":
         raise ModelError(f"{mt} with use_bidirectional_attention='all' is an encoder, not a causal LM")
