@@ -157,14 +157,20 @@ class ModelExecutor:
                 self.kv_cache_groups.append(group)
                 for layer, view in zip(layer_ids, group.unbind(0), strict=True):
                     self.kv_caches[layer] = view  # [num_pages, 2, ps, Hkv_l, D_l]
+            # shared-KV layers (Gemma 4) alias their source layer's cache: they read it and write nothing
+            for layer, spec_l in enumerate(cfg.layers):
+                if spec_l.kv_source is not None:
+                    self.kv_caches[layer] = self.kv_caches[spec_l.kv_source]
         except torch.OutOfMemoryError:
             raise DriverError(
                 f"out of memory allocating {self.num_pages} KV pages ({self.num_pages * pbytes / 2**30:.2f} GiB); "
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
-        self.page_mover = PageMover(self.kv_caches, spec.swap_slots, self.device)
+        # page moves and the fingerprint see each cache once (an aliased shared-KV layer adds no bytes)
+        owned = [kv for kv, layer in zip(self.kv_caches, cfg.layers, strict=True) if layer.kv_source is None]
+        self.page_mover = PageMover(owned, spec.swap_slots, self.device)
         weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
-        self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, self.kv_caches)
+        self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, owned)
         self.layer_params = [attention_params(layer) for layer in cfg.layers]
         first = self.layer_params[0]
         self.backend = create_backend(

@@ -86,6 +86,12 @@ def rope_inv_freq(head_dim: int, spec: RopeSpec) -> tuple[torch.Tensor, float]:
         return inv_freq / spec.factor, 1.0
     if spec.rope_type == "llama3":
         return _llama3(inv_freq, spec), 1.0
+    if spec.rope_type == "proportional":
+        # transformers' _compute_proportional_rope_parameters: the first int(f * D // 2) frequencies of the
+        # full head dim rotate; the rest are 0 (cos 1, sin 0: those pairs pass through unrotated)
+        rope_angles = int(spec.partial_rotary_factor * head_dim // 2)
+        inv_freq = torch.cat([inv_freq[:rope_angles], torch.zeros(head_dim // 2 - rope_angles, device="cpu")])
+        return inv_freq / spec.factor, 1.0
     raise ValueError(f"rope type {spec.rope_type!r} is not implemented")  # ModelConfig rejects it first
 
 

@@ -20,7 +20,7 @@ from pie.errors import ModelError
 # Rope types parse_rope accepts (pie.layers.rotary); anything else (dynamic, longrope, ...) is rejected by name
 # rather than silently computed wrong. LongRoPE is a rope type too (RopeSpec.rope_type "longrope"), parsed by
 # the one family that ships it (models/phi3.py), whose config layout and defaults are its own.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 MLP_KINDS = ("dense", "sparse")
 ATTENTION_KINDS = ("full", "sliding")
 # HF layer_types spellings -> pie attention kinds
@@ -40,6 +40,9 @@ class RopeSpec:
     longrope (Phi-3): inv_freq = 1 / (ext[i] * theta^(2i/d)) with ext = short_factor, or long_factor for the
     tokens of a request whose largest position in the batch is >= original_max_position_embeddings; cos/sin
     scaled by attention_factor. partial_rotary_factor: only the first int(head_dim * factor) dims rotate.
+    proportional (Gemma 4 global layers): only the first int(partial_rotary_factor * D / 2) frequencies
+    rotate, with exponents over the whole head_dim D (theta^(-2i/D)); the remaining pairs get frequency 0
+    (pass through), all / factor. Unlike longrope's partial rotary, every dim is in the rotation.
     """
 
     theta: float = 10000.0
@@ -60,6 +63,8 @@ class RopeSpec:
     partial_rotary_factor: float = 1.0
 
     def rotary_dim(self, head_dim: int) -> int:
+        if self.rope_type == "proportional":  # the factor zeroes frequencies instead (see above)
+            return head_dim
         return int(head_dim * self.partial_rotary_factor)
 
 
@@ -102,6 +107,9 @@ class LayerSpec:
     logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     has_sinks: bool = False  # a learned per-head sink logit joins the softmax (GPT-OSS)
     mlp: str = "dense"  # "dense" (GatedMLP of intermediate_size) | "sparse" (ModelConfig.moe's experts)
+    # Shared KV (Gemma 4): the earlier layer whose KV cache this layer reads; it computes and writes no K/V
+    # of its own, and the executor allocates it no KV memory. None: the layer owns its cache.
+    kv_source: int | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,12 @@ def parse_rope(p: dict, max_position: int, where: str) -> RopeSpec:
             return RopeSpec(**common)
         if rope_type == "linear":
             return RopeSpec(**common, factor=float(p["factor"]))
+        if rope_type == "proportional":
+            return RopeSpec(
+                **common,
+                factor=float(p.get("factor", 1.0)),
+                partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)),
+            )
         if rope_type == "llama3":
             return RopeSpec(
                 **common,

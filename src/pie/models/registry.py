@@ -17,6 +17,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "gemma2": ("pie.models.gemma2", "Gemma2ForCausalLM"),
     "gemma3_text": ("pie.models.gemma3", "Gemma3ForCausalLM"),
     "gemma3": ("pie.models.gemma3", "Gemma3ForConditionalGeneration"),
+    "gemma4_text": ("pie.models.gemma4", "Gemma4ForCausalLM"),
+    "gemma4": ("pie.models.gemma4", "Gemma4ForConditionalGeneration"),
     "olmo3": ("pie.models.olmo3", "Olmo3ForCausalLM"),
     "ministral": ("pie.models.ministral", "MinistralForCausalLM"),
     "ministral3": ("pie.models.mistral3", "Ministral3ForCausalLM"),
