@@ -38,7 +38,7 @@ from .adapter import Adapter
 from .audio import Speech, SpeechBuilder, Voice, write_wav
 from .context import Context
 from .forward import Forward, Output, ProbeHandle, SampleHandle
-from .generation import GenStep, Generator
+from .generation import Generator, GenStep
 from .grammar import AnyJson, Constraint, Ebnf, Grammar, GrammarConstraint, JsonSchema, Matcher, Regex, Schema
 from .media import Audio, Image, Video
 from .model import Model, Tokenizer

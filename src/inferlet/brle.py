@@ -17,7 +17,9 @@ def decode(runs, length: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: a BRLE mask is a flat list of run lengths >= 0, got {list(runs)[:8]}...")
     total = int(counts.sum())
     if total > length:
-        raise ValueError(f"{what}: the BRLE mask covers {total} entries, more than the {length} it applies to")
+        raise ValueError(
+            f"{what}: the BRLE mask covers {total} entries, more than the {length} it applies to"
+        )
     values = np.arange(counts.shape[0]) % 2 == 1  # run i is true when i is odd
     out = np.zeros(length, dtype=bool)
     out[:total] = np.repeat(values, counts)

@@ -8,7 +8,6 @@ depend on earlier turns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from pie.sdk.chat import ChatText, content_spans
 
@@ -16,7 +15,16 @@ from .model import Model
 
 # End-of-turn tokens of the common chat formats; a model's stop tokens are its eos ids plus those of
 # these that its chat template uses.
-_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|return|>", "<|call|>", "</s>")
+_TURN_ENDS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|return|>",
+    "<|call|>",
+    "</s>",
+)
 _PROBE = "\ue000pie\ue001"  # a user message no template rewrites
 
 
@@ -24,7 +32,9 @@ def _render(model: Model, messages: list[dict], gen: bool) -> str:
     return model._pie.tokenizer.render_chat(messages, add_generation_prompt=gen)
 
 
-def _encode_delta(model: Model, before: list[dict], after: list[dict], gen: bool, content: str | None) -> list[int]:
+def _encode_delta(
+    model: Model, before: list[dict], after: list[dict], gen: bool, content: str | None
+) -> list[int]:
     """Tokens of render(after) minus render(before) (message content tokenized as plain text)."""
     a = _render(model, before, False) if before else ""
     b = _render(model, after, gen)
@@ -105,7 +115,7 @@ class Event:
         token: int
 
 
-AnyEvent = Union[Event.Idle, Event.Delta, Event.Done, Event.Interrupt]
+AnyEvent = Event.Idle | Event.Delta | Event.Done | Event.Interrupt
 
 
 class Decoder:
@@ -117,7 +127,9 @@ class Decoder:
         self._model = model
         self._stop = set(stop_tokens(model))
         hf = model._pie.tokenizer.hf
-        self._special = {int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids)
+        self._special = {int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(
+            hf.all_special_ids
+        )
         self.reset()
 
     def feed(self, tokens: list[int]) -> AnyEvent:

@@ -31,7 +31,9 @@ class Context:
 
     __slots__ = ("_inner", "_model", "_buffer", "_reply")
 
-    def __init__(self, model: Model, template_kwargs: dict | None = None, *, _inner: _PieContext | None = None) -> None:
+    def __init__(
+        self, model: Model, template_kwargs: dict | None = None, *, _inner: _PieContext | None = None
+    ) -> None:
         """template_kwargs (pie's extension) go to the chat template, e.g. {"enable_thinking": False}."""
         if not isinstance(model, Model):
             raise TypeError(f"Context(model) needs an inferlet.Model (Model.load(...)), got {model!r}")

@@ -169,7 +169,9 @@ class Forward:
                 ctx._buffer[:0] = buffered
             raise
 
-    async def _run(self, ctx: Context, inner, buffered: list[int], explicit_ids: list[int], n_in: int) -> Output:
+    async def _run(
+        self, ctx: Context, inner, buffered: list[int], explicit_ids: list[int], n_in: int
+    ) -> Output:
         nb = len(buffered)
         ids = buffered + self._inputs + explicit_ids
         start = inner.next_position
@@ -193,11 +195,15 @@ class Forward:
         vocab = ctx.model.vocab_size
         max_dist = inner._rt.capabilities.max_dist_size
         slots = [s for s in self._slots if s is not None]
-        fields: dict[str, list] = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits")}
+        fields: dict[str, list] = {
+            k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "dist_k", "return_logits")
+        }
         want_entropy = False
         for s in slots:
             if not 0 <= s.index < n_in:
-                raise IndexError(f"index {s.index} is outside this pass's {n_in} input tokens (0..{n_in - 1})")
+                raise IndexError(
+                    f"index {s.index} is outside this pass's {n_in} input tokens (0..{n_in - 1})"
+                )
             row = _PieSampler().row()
             if s.sampler is not None:
                 row = s.sampler._pie.row(s.seed)
@@ -217,7 +223,11 @@ class Forward:
                 want_entropy = True
             for k in fields:
                 fields[k].append(row[k])
-        rows = sampler_rows(len(slots), **{k: np.array(v) for k, v in fields.items()}) if slots else sampler_rows(0)
+        rows = (
+            sampler_rows(len(slots), **{k: np.array(v) for k, v in fields.items()})
+            if slots
+            else sampler_rows(0)
+        )
         outputs = [nb + s.index for s in slots]
 
         res: ForwardResult = await inner._run(ids, positions, outputs, rows, attn, want_entropy)
@@ -225,7 +235,9 @@ class Forward:
             inner.truncate(len(explicit_ids))
         return Output(self._decode(res, slots, rows))
 
-    def _decode(self, res: ForwardResult, slots: list[_Slot], rows: np.ndarray) -> list[tuple[str, Any] | None]:
+    def _decode(
+        self, res: ForwardResult, slots: list[_Slot], rows: np.ndarray
+    ) -> list[tuple[str, Any] | None]:
         """Each slot's value as (kind, value); reserved slots are None."""
         logit_rank = np.cumsum(rows["return_logits"]) - 1
         values: list[tuple[str, Any]] = []
@@ -241,7 +253,9 @@ class Forward:
             elif isinstance(s.probe, Distribution):
                 if logits is None:
                     k = s.probe.k
-                    values.append(("distribution", (res.dist_ids[i, :k].tolist(), res.dist_probs[i, :k].tolist())))
+                    values.append(
+                        ("distribution", (res.dist_ids[i, :k].tolist(), res.dist_probs[i, :k].tolist()))
+                    )
                 else:
                     values.append(("distribution", _host_distribution(logits, self._mask, s.probe)))
             elif isinstance(s.probe, (Logprob, Logprobs)):
@@ -273,7 +287,9 @@ def _masked_sample(logits: np.ndarray, mask: np.ndarray | None, s: _PieSampler, 
     return int(_host_sample(x, params, return_logprobs=False).tokens[0])
 
 
-def _host_distribution(logits: np.ndarray, mask: np.ndarray | None, probe: Distribution) -> tuple[list[int], list[float]]:
+def _host_distribution(
+    logits: np.ndarray, mask: np.ndarray | None, probe: Distribution
+) -> tuple[list[int], list[float]]:
     x = torch.from_numpy(np.asarray(logits, np.float32).copy())  # [V]
     if mask is not None:
         x[~torch.from_numpy(mask[: x.shape[0]])] = float("-inf")

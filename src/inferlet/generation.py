@@ -17,7 +17,6 @@ reached, the last token is kept (in the buffer or the KV). Both as in Pie's SDK.
 
 from __future__ import annotations
 
-import json as _json
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ from pie.sdk.sampler import step_seed
 from . import brle
 from . import chat as _chat
 from ._errors import unsupported
-from .forward import Forward, Output, ProbeHandle, SampleHandle
+from .forward import Forward, Output, ProbeHandle
 from .sample import Sampler, probe_kind
 
 if TYPE_CHECKING:
@@ -39,7 +38,17 @@ _UNBOUNDED = 1 << 40  # max_tokens None: until a stop token or the model's windo
 class Generator:
     """Built by Context.generate(...); configure with the chain methods, then iterate or collect."""
 
-    __slots__ = ("_ctx", "_sampler", "_stop", "_max_tokens", "_mask", "_step_probes", "_generated", "_steps", "_done")
+    __slots__ = (
+        "_ctx",
+        "_sampler",
+        "_stop",
+        "_max_tokens",
+        "_mask",
+        "_step_probes",
+        "_generated",
+        "_steps",
+        "_done",
+    )
 
     def __init__(
         self,
@@ -74,7 +83,9 @@ class Generator:
         self._sampler = sampler
         self._stop: list[int] = [int(t) for t in stop] if stop is not None else []
         self._max_tokens = max_tokens
-        self._mask = None if logit_mask is None else brle.decode(logit_mask, ctx.model.vocab_size, "logit_mask")
+        self._mask = (
+            None if logit_mask is None else brle.decode(logit_mask, ctx.model.vocab_size, "logit_mask")
+        )
         self._step_probes: list[tuple[int, Any]] = []
         self._generated = 0
         self._steps = 0  # passes run (seeds: one per step)
@@ -180,7 +191,9 @@ class Generator:
         ev = _chat.Decoder(self._ctx.model).feed(tokens)
         return ev.text if isinstance(ev, (_chat.Event.Delta, _chat.Event.Done)) else ""
 
-    async def collect_json(self, *, schema: str | None = None, parse: Callable[[str], Any] | None = None) -> Any:
+    async def collect_json(
+        self, *, schema: str | None = None, parse: Callable[[str], Any] | None = None
+    ) -> Any:
         unsupported("collect_json (JSON-constrained generation)", "use collect_text() and json.loads for now")
 
     async def _engine_side(self) -> list[int]:

@@ -13,7 +13,11 @@ from ._errors import unsupported
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet: the printable character standing for each byte, inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = list(bs)
     n = 0
     for b in range(256):
@@ -47,7 +51,9 @@ class Tokenizer:
     def special_tokens(self) -> tuple[list[int], list[bytes]]:
         """(token ids, token bytes) of the special (control) tokens."""
         hf = self._tok.hf
-        ids = sorted({int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids))
+        ids = sorted(
+            {int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids)
+        )
         return ids, [hf.convert_ids_to_tokens(i).encode("utf-8") for i in ids]
 
     def split_regex(self) -> str:

@@ -17,8 +17,8 @@ k), Logprob(token), Logprobs(tokens), Entropy().
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from pie.sdk.sampler import Sampler as _PieSampler
 
