@@ -298,6 +298,7 @@ def test_tiny_probes_agree(tiny_dir):
         # generate's greedy token is the argmax of the logits
         g = (
             await ctx.fork()
+            .append(ids)
             .generate(Sampler.argmax(), max_tokens=1, stop=[], auto_flush=False)
             .collect_tokens()
         )
