@@ -384,6 +384,11 @@ def test_tiny_chat_fork_generate_and_seeded_paths_agree(tiny_dir):
         assert isinstance(text, str)
         rendered = m.tokenizer().decode(fresh._inner._seq.tokens + fresh.buffer())
         assert rendered.count("<|im_start|>assistant") == 2 and "And again?" in rendered
+        # a context with tokens but no conversation renders each message alone (Pie's fillers)
+        raw = Context(m).append(inferlet.chat.user(m, "Hi"))
+        assert inferlet.chat.user(m, "Hi") == Context(m).user("Hi").buffer()
+        assert raw.cue().buffer()[-len(inferlet.chat.cue(m)) :] == inferlet.chat.cue(m)
+        assert inferlet.chat.cue(m) == m.tokenizer().encode("<|im_start|>assistant\n")
         # cue() twice adds nothing; seal() appends the stop token
         n = len(base.buffer())
         base.cue().cue()
@@ -412,3 +417,76 @@ def test_tiny_tokenizer_surface(tiny_dir):
         return 0
 
     on_engine(lambda: tiny_engine(tiny_dir), main)
+
+
+# ---- an inferlet written for Pie's SDK, through `pie run --in-process` on the embedded model ----------
+
+PIE_STYLE = '''
+import inferlet
+from inferlet import Context, Distribution, Model, Sampler, chat, runtime
+
+
+def keep(total, ranges):
+    """BRLE attention row over [0, total) that keeps `ranges` (runs start with a false run)."""
+    out, cursor = [], 0
+    for start, end in ranges:
+        out += [start - cursor, end - start]
+        cursor = end
+    if cursor < total:
+        out.append(total - cursor)
+    return out
+
+
+async def main(input: dict) -> str:
+    model = Model.load(runtime.models()[0])
+    tok = model.tokenizer()
+    ctx = Context(model)
+    ctx.system("You are terse.").user(input["prompt"])
+    await ctx.flush()
+    name = ctx.snapshot()
+
+    # a chat reply, from a fork of the prompt
+    reply = await ctx.fork().generate(Sampler.top_p(0.6, 0.95, seed=7), max_tokens=int(input["n"])).collect_text()
+
+    # a manual decode loop with a windowed attention mask (sink + recent tokens)
+    win = Context.open(model, name)
+    pending, out = chat.cue(model), []
+    stops = set(chat.stop_tokens(model))
+    for _ in range(int(input["n"])):
+        fwd = win.forward()
+        total = fwd.start_position() + len(pending)
+        fwd.input(pending)
+        fwd.attention_mask([keep(total, [(0, 4), (max(4, total - 8), total)]) for _ in pending])
+        h = fwd.sample([len(pending) - 1], Sampler.argmax())
+        p = fwd.probe(len(pending) - 1, Distribution(1.0, 3))
+        o = await fwd.execute()
+        assert o.distribution(p)[0][0] == o.token(h)
+        if o.token(h) in stops:
+            break
+        out.append(o.token(h))
+        pending = [o.token(h)]
+
+    # step by step with a per-step probe
+    g = ctx.generate(Sampler.argmax(), max_tokens=3)
+    ent = g.probe_each_step(0, inferlet.Entropy())
+    steps = []
+    async for step in g:
+        o = await step.execute()
+        steps.append((o.tokens, round(o.entropy(ent), 3)))
+    Context.delete(model, name)
+    inferlet.set_return(f"{reply!r}|{tok.decode(out)!r}|{len(steps)}")
+'''
+
+
+def test_pie_style_inferlet_runs_under_pie_run(tmp_path, capsys):
+    from pie.cli.main import main
+
+    f = tmp_path / "pie_style.py"
+    f.write_text(PIE_STYLE)
+    argv = ["run", "--in-process", str(f), "--", "--prompt", "What is a page?", "--n", "6"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = capsys.readouterr().out
+    reply, windowed, steps = first.rstrip("\n").split("|")
+    assert reply.startswith("'") and windowed.startswith("'") and 1 <= int(steps) <= 3
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # seeded and greedy: the same result again

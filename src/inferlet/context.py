@@ -11,6 +11,7 @@ is pie's runtime (copy-on-write page sharing, named snapshots, prefix cache).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -24,6 +25,16 @@ from .forward import Forward
 from .generation import Generator
 from .model import Model
 from .sample import Sampler
+
+
+# The conversation (pie.sdk.chat.ChatState) of each snapshot saved in this engine, so a context opened from
+# it goes on rendering the chat incrementally. A snapshot restored from disk by another engine has none:
+# its contexts render each later message alone (the module-level fillers of inferlet.chat).
+_SNAPSHOT_CHATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ModelRuntime -> {name: ChatState}
+
+
+def _snapshot_chats(model: Model) -> dict:
+    return _SNAPSHOT_CHATS.setdefault(model._pie._rt, {})
 
 
 class Context:
@@ -47,18 +58,24 @@ class Context:
     def open(cls, model: Model, name: str) -> Context | None:
         """A new context forked from the snapshot `name` (which stays); None if there is none."""
         inner = _PieContext.open(model._pie, name)
+        if inner is not None and (chat := _snapshot_chats(model).get(name)) is not None:
+            inner._chat = chat.copy()
         return None if inner is None else cls(model, _inner=inner)
 
     @classmethod
     def take(cls, model: Model, name: str) -> Context | None:
         """A new context that takes the snapshot `name` over (it is gone); None if there is none."""
         inner = _PieContext.take(model._pie, name)
+        chat = _snapshot_chats(model).pop(name, None)
+        if inner is not None and chat is not None:
+            inner._chat = chat
         return None if inner is None else cls(model, _inner=inner)
 
     @staticmethod
     def delete(model: Model, name: str) -> None:
         """Delete the snapshot `name` (an error if there is none)."""
         _PieContext.delete(model._pie, name)
+        _snapshot_chats(model).pop(name, None)
 
     def fork(self) -> Context:
         """A new context with the same KV (pages shared copy-on-write), buffer and conversation."""
@@ -70,10 +87,17 @@ class Context:
     def save(self, name: str) -> None:
         """Keep the KV under `name` (the buffer is not saved: flush() first)."""
         self._inner.save(name)
+        self._keep_chat(name)
 
     def snapshot(self) -> str:
         """An anonymous save; returns the runtime-chosen name."""
-        return self._inner.snapshot()
+        name = self._inner.snapshot()
+        self._keep_chat(name)
+        return name
+
+    def _keep_chat(self, name: str) -> None:
+        self._record_reply()
+        _snapshot_chats(self._model)[name] = self._inner._chat.copy()
 
     def release(self) -> None:
         """Free the context's pages now (idempotent; also done when the inferlet ends)."""
@@ -131,6 +155,9 @@ class Context:
     def cue(self) -> Context:
         """The generation prompt: the assistant's turn starts (a second cue() adds nothing)."""
         self._record_reply()
+        if self._stateless_chat():
+            self._buffer += _chat.cue(self._model)
+            return self
         tok = self._model._pie.tokenizer
         return self._append_text(self._inner._chat.cue(tok))
 
@@ -243,8 +270,16 @@ class Context:
         if not isinstance(message, str):
             raise TypeError(f"{role}() takes the message text (str), got {type(message).__name__}")
         self._record_reply()
+        if self._stateless_chat():
+            self._buffer += getattr(_chat, role)(self._model, message)
+            return self
         tok = self._model._pie.tokenizer
         return self._append_text(self._inner._chat.add(tok, role, message))
+
+    def _stateless_chat(self) -> bool:
+        """True when the context holds tokens but no conversation (raw appends, a snapshot from disk):
+        then each message is rendered alone, as Pie's fillers do."""
+        return not self._inner._chat.messages and bool(self.seq_len or self._buffer)
 
     def _append_text(self, text: str) -> Context:
         self._check_open()
