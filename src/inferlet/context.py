@@ -26,7 +26,6 @@ from .generation import Generator
 from .model import Model
 from .sample import Sampler
 
-
 # The conversation (pie.sdk.chat.ChatState) of each snapshot saved in this engine, so a context opened from
 # it goes on rendering the chat incrementally. A snapshot restored from disk by another engine has none:
 # its contexts render each later message alone (the module-level fillers of inferlet.chat).
