@@ -401,6 +401,29 @@ def test_tiny_chat_fork_generate_and_seeded_paths_agree(tiny_dir):
     on_engine(lambda: tiny_engine(tiny_dir), main)
 
 
+def test_tiny_user_sampling_with_clear_sampler_and_accept_equals_greedy(tiny_dir):
+    async def main(_):
+        m = Model.load()
+        prompt = Context(m).user("Count: 1 2 3")
+        greedy = await prompt.fork().generate(Sampler.argmax(), max_tokens=6).collect_tokens()
+        g = prompt.generate(Sampler.argmax(), max_tokens=6)
+        mine = []
+        async for step in g:
+            step.clear_sampler()
+            n = len(step._pending)
+            h = step.probe(n - 1, Distribution(1.0, 4))
+            out = await step.execute()
+            ids, probs = out.distribution(h)
+            assert out.tokens == [] and probs == sorted(probs, reverse=True)
+            mine += g.accept([ids[0]])  # the most likely token, picked by the inferlet
+        assert mine == greedy and g.tokens_generated == len(greedy)
+        text = await Context(m).user("Count: 1 2 3").generate(Sampler.argmax(), max_tokens=6).collect_text()
+        assert text == m.tokenizer()._tok.decode(greedy, skip_special_tokens=True)
+        return 0
+
+    on_engine(lambda: tiny_engine(tiny_dir), main)
+
+
 def test_tiny_tokenizer_surface(tiny_dir):
     async def main(_):
         tok = Model.load().tokenizer()

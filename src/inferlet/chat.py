@@ -149,6 +149,12 @@ class Decoder:
             return Event.Interrupt(interrupt)
         return Event.Delta(new) if new else Event.Idle()
 
+    def finish(self) -> str:
+        """The text held back at the end (an incomplete character decodes as U+FFFD); pie's extension."""
+        rest = self._detok.flush()
+        self._text += rest
+        return rest
+
     def reset(self) -> None:
         self._detok = self._model._pie.tokenizer.detokenizer()
         self._text = ""

@@ -188,8 +188,15 @@ class Generator:
     async def collect_text(self) -> str:
         """Run to the end; the reply's text (through the chat decoder)."""
         tokens = await self.collect_tokens()
-        ev = _chat.Decoder(self._ctx.model).feed(tokens)
-        return ev.text if isinstance(ev, (_chat.Event.Delta, _chat.Event.Done)) else ""
+        dec = _chat.Decoder(self._ctx.model)
+        parts = []
+        for t in tokens:  # one token per feed, as a step-by-step loop would
+            ev = dec.feed([t])
+            if isinstance(ev, _chat.Event.Done):
+                return ev.text
+            if isinstance(ev, _chat.Event.Delta):
+                parts.append(ev.text)
+        return "".join(parts) + dec.finish()
 
     async def collect_json(
         self, *, schema: str | None = None, parse: Callable[[str], Any] | None = None
