@@ -16,3 +16,10 @@ def available_servers(*args: Any, **kwargs: Any) -> Any:
 
 def connect(*args: Any, **kwargs: Any) -> Any:
     unsupported(f"{_FEATURE} (inferlet.mcp.connect)")
+
+
+class McpSession:
+    """Not supported yet: MCP."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unsupported(f"{_FEATURE} (inferlet.mcp.McpSession)")

@@ -24,3 +24,10 @@ def broadcast(*args: Any, **kwargs: Any) -> Any:
 
 def subscribe(*args: Any, **kwargs: Any) -> Any:
     unsupported(f"{_FEATURE} (inferlet.messaging.subscribe)")
+
+
+class Subscription:
+    """Not supported yet: messaging."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unsupported(f"{_FEATURE} (inferlet.messaging.Subscription)")
