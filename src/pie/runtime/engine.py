@@ -206,6 +206,8 @@ class Engine:
             result = await task
         finally:
             scope.close_all()
+        if result is None:  # Pie's SDK: set_return(value) gives the result of a main that returns nothing
+            result = scope.returned
         return _as_text(result)
 
 

@@ -25,6 +25,7 @@ class InferletScope:
     engine: Engine
     default_model: str
     resources: dict[int, Closable] = field(default_factory=dict)  # id -> open contexts, in creation order
+    returned: object = None  # inferlet.set_return(value): the result when main returns None
 
     def track(self, obj: Closable) -> None:
         self.resources[id(obj)] = obj
