@@ -68,8 +68,8 @@ has run && for drv in cuda_native dev; do
   run "pie-run-$drv" 90 python -m pie run -v -c "$PIE_HOME/$drv.toml" text-completion -- --prompt "What does str.split do?" --max-tokens 48 --temperature 0
 done
 has tests && run gpu-tests 240 python -m pytest tests/test_gpu.py tests/test_cuda_graphs.py tests/test_page_ops_gpu.py tests/test_kernels.py -q -rs -x -p no:cacheprovider
-has families && run gpu-families 300 python -m pytest tests/test_gpu_families.py -q -rs -p no:cacheprovider
-has moe && run gpu-moe 240 python -m pytest tests/test_moe_gpu.py -q -rs -p no:cacheprovider
+has families && run gpu-families 240 python -m pytest tests/test_gpu_families.py tests/test_gpu_gemma4.py -q -rs -p no:cacheprovider
+has moe && run gpu-moe 200 python -m pytest tests/test_moe_gpu.py tests/test_gpt_oss.py -m gpu -q -rs -p no:cacheprovider
 has noop && run noop-host-cost 60 python -m pie bench --noop-driver --e2e-steps 300 --json
 for m in qwen3-0.6b:bench-qwen3 llama-3.2-1b:bench-llama1b llama-3.1-8b:bench-8b; do
   model=${m%%:*}; step=${m##*:}
