@@ -22,12 +22,26 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 from test_parity_hf import PagedSeqs, assert_close, hf_model, make_executor
 from tiny_models import MOE_ARCHS, PHI3_ORIGINAL_MAX
 
 from pie.drivers.protocol import make_batch
 from pie.errors import ModelError
 from pie.models.config import ModelConfig, read_model_config
+
+# transformers renamed the cache argument and output field (`past_key_values` until ~5.2x, `cache` after)
+_CACHE_ARG = (
+    "cache" if "cache" in __import__("inspect").signature(transformers.LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)  # fmt: skip
+
+
+def _cache_of(out):
+    """The KV cache of a transformers output: `past_key_values` (older 5.x, as on the GPU machine's 5.17) or
+    `cache` (newer)."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else out.cache
 
 
 def hf_cached_logits(path, prompt: list[int], steps: list[int]) -> np.ndarray:
@@ -36,11 +50,11 @@ def hf_cached_logits(path, prompt: list[int], steps: list[int]) -> np.ndarray:
     model = hf_model(path)
     with torch.no_grad():
         out = model(torch.tensor([prompt]), use_cache=True)
-        rows, cache = [out.logits[0]], out.cache
+        rows, cache = [out.logits[0]], _cache_of(out)
         for t in steps:
-            out = model(torch.tensor([[t]]), cache=cache, use_cache=True)
+            out = model(torch.tensor([[t]]), **{_CACHE_ARG: cache}, use_cache=True)
             rows.append(out.logits[0])
-            cache = out.cache
+            cache = _cache_of(out)
     return torch.cat(rows).numpy()
 
 
