@@ -337,5 +337,13 @@ def run_benchmark(
         from pie.drivers.inprocess import InProcessDriver
 
         driver = InProcessDriver.from_executor(executor)
+        before = executor.graphs.stats.summary() if executor.graphs is not None else None
         e2e = run_e2e(driver, opts.batch_sizes, opts.context, opts.e2e_steps, vocab, progress)
+        if executor.graphs is not None:
+            after = executor.graphs.stats.summary()
+            progress(
+                f"e2e CUDA graphs: {after['replays'] - before['replays']} replays, "
+                f"{after['eager_decode_batches'] - before['eager_decode_batches']} decode batches eager "
+                f"(last refusal: {after['last_refusal']})"
+            )
     return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs, e2e)
