@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pie.drivers.protocol import ForwardBatch
+from pie.h2d import to_device
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class AttentionMetadata:
         pages = batch.kv_page_indices[batch.kv_page_indptr[req_of_tok] + slots // page_size]
 
         def dev(a, dtype):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
+            return to_device(a, device, dtype)
 
         return cls(
             num_tokens=batch.num_tokens,
