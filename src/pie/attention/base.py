@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from pie.drivers.protocol import ForwardBatch
-from pie.h2d import to_device
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class AttentionMetadata:
         pages = batch.kv_page_indices[batch.kv_page_indptr[req_of_tok] + slots // page_size]
 
         def dev(a, dtype):
-            return to_device(a, device, dtype)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
 
         return cls(
             num_tokens=batch.num_tokens,

@@ -36,7 +36,6 @@ import torch
 
 from pie.attention.base import AttentionBackend, AttentionMetadata
 from pie.drivers.protocol import ForwardBatch
-from pie.h2d import to_device
 from pie.layers.attention import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -274,7 +273,7 @@ class DecodeGraphRunner:
         rows = batch.output_indices
         if rows.shape[0] == R and np.array_equal(rows, np.arange(R)):
             return bucket.logits[:R]
-        idx = to_device(rows.astype(np.int64), self.device)
+        idx = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         return bucket.logits.index_select(0, idx)
 
     def prepare(self, batch_size: int) -> bool:

@@ -39,7 +39,6 @@ from pie.drivers.protocol import (
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
-from pie.h2d import to_device
 from pie.layers.attention import ForwardContext, attention_params
 from pie.layers.norm import RMSNorm
 from pie.models.config import read_model_config
@@ -301,16 +300,7 @@ class ModelExecutor:
         src = rows[at].astype(np.int64)
         n = 0 if prev is None else int(prev.shape[0])
         dev = self.device
-        k = int(at.size)
-        if n >= k and at[-1] == k - 1 and np.array_equal(src, at):
-            # the usual case: the same generations in the same rows as last step (rows 0..k-1 take the
-            # previous rows 0..k-1), a device-to-device copy with no host data at all
-
-            def fill_same(ids: torch.Tensor) -> None:
-                ids[:k].copy_(prev[:k])
-
-            return fill_same
-        at_t = to_device(at, dev)
+        at_t = torch.from_numpy(at).to(dev, non_blocking=True)
         if n == 0:
 
             def fill(ids: torch.Tensor) -> None:
@@ -318,8 +308,8 @@ class ModelExecutor:
 
             return fill
         ok = src < n
-        src_t = to_device(np.where(ok, src, 0), dev)
-        ok_t = to_device(ok, dev)
+        src_t = torch.from_numpy(np.where(ok, src, 0)).to(dev, non_blocking=True)
+        ok_t = torch.from_numpy(ok).to(dev, non_blocking=True)
 
         def fill(ids: torch.Tensor) -> None:
             ids.index_copy_(0, at_t, torch.where(ok_t, prev.index_select(0, src_t), 0).to(ids.dtype))
@@ -347,14 +337,14 @@ class ModelExecutor:
             self._planned = torch.cuda.Event()
             self._planned.record()
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
-        input_ids = to_device(batch.token_ids, dev)
+        input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
         if feed is not None:
             feed(input_ids)
-        positions = to_device(batch.positions, dev)
+        positions = torch.from_numpy(batch.positions).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, ctx)  # [T, H]
         if batch.num_outputs == 0:
             return None
-        rows = to_device(batch.output_indices.astype(np.int64), dev)
+        rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [O, V] fp32
 
     def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> Callable[[], ForwardResult]:
@@ -366,7 +356,7 @@ class ModelExecutor:
         # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
         host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
         keep_rows = np.flatnonzero(batch.return_logits)
-        kept = logits[to_device(keep_rows, dev)] if keep_rows.size else None
+        kept = logits[torch.from_numpy(keep_rows).to(dev)] if keep_rows.size else None
         # the single device -> host transfer point: asynchronous copies into pinned memory, waited for
         # by the returned function (an event, not a device-wide sync)
         fields = {

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor
 
 from pie.drivers.protocol import BatchError, ForwardBatch
-from pie.h2d import to_device
 
 __all__ = ["GREEDY_TEMPERATURE", "SampleOutput", "SamplingParams", "sample", "seeded_log_exponential"]
 
@@ -106,12 +105,12 @@ class SamplingParams:
         seeded_rows = np.flatnonzero(sampled & (host["seed"] >= 0)).astype(np.int64)
         device = torch.device(device)
         return cls(
-            **{k: to_device(v, device) for k, v in host.items()},
+            **{k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in host.items()},
             max_dist_k=max_dist_k,
             all_greedy=bool(greedy.all()) and max_dist_k == 0,
             max_top_k=int(host["top_k"][sampled].max()) if sampled.any() else 0,
             any_top_p=bool((host["top_p"][sampled] < 1).any()),
-            seeded_rows=to_device(seeded_rows, device),
+            seeded_rows=torch.from_numpy(seeded_rows).to(device, non_blocking=True),
         )
 
 
