@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_parity_hf import PagedSeqs, assert_close, hf_logits, hf_model, make_executor, split_rows
+from test_parity_hf import (
+    PagedSeqs,
+    assert_close,
+    assert_greedy_matches_generate,
+    hf_logits,
+    make_executor,
+    paged_prefill_decode,
+)
 from tiny_models import FAMILY_ARCHS, LEGACY_ARCHS, WINDOW, make_tiny_checkpoint
 
 from pie.drivers.protocol import make_batch
@@ -43,22 +50,9 @@ def test_prefill_and_paged_decode_match_hf(tiny_checkpoint, arch, page_size):
     ex = make_executor(path, page_size, num_pages=200 if page_size == 1 else 16)
     cfg = ex.model_config
     assert cfg.attention_kinds == (("sliding",) if arch in ONLY_SLIDING else ("full", "sliding"))
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=page_size)
-    prompts = _prompts(cfg.vocab_size)
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    got = [[rows] for rows in split_rows(res, batch)]
-    tokens = [list(p) for p in prompts]
-    nxt = [int(r[-1]) for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(4):
-        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(nxt)], page_size)
-        res = ex.execute(batch)
-        for i, t in enumerate(nxt):
-            tokens[i].append(t)
-            got[i].append(res.logits[i : i + 1])
-        nxt = [int(t) for t in res.tokens]
+    got, tokens = paged_prefill_decode(ex, _prompts(cfg.vocab_size), page_size)
     for i in range(3):
-        assert_close(np.concatenate(got[i]), hf_logits(path, tokens[i]))
+        assert_close(got[i], hf_logits(path, tokens[i]))
 
 
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
@@ -66,27 +60,7 @@ def test_batched_greedy_generation_matches_hf_generate(tiny_checkpoint, arch):
     path = tiny_checkpoint(arch)
     page_size = 3  # odd size: decode steps cross page boundaries often
     ex = make_executor(path, page_size)
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=2)
-    prompts = _prompts(ex.model_config.vocab_size, seed=3)
-    batch = make_batch([seqs.request(i, p, temperature=0.0) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    gen = [[int(r[-1])] for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(15):  # no EOS stop: random weights, and generate below runs a fixed count too
-        batch = make_batch([seqs.request(i, g[-1:], temperature=0.0) for i, g in enumerate(gen)], page_size)
-        for g, t in zip(gen, ex.execute(batch).tokens, strict=True):
-            g.append(int(t))
-    model = hf_model(path)
-    for p, g in zip(prompts, gen, strict=True):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=16,
-                min_new_tokens=16,
-                do_sample=False,
-            )
-        assert g == ref[0, len(p) :].tolist()
+    assert_greedy_matches_generate(ex, path, _prompts(ex.model_config.vocab_size, seed=3), page_size)
 
 
 def test_window_bites(tiny_checkpoint, tmp_path):

@@ -17,7 +17,15 @@ import pytest
 import torch
 from gemma4_tiny import GEMMA4_ARCHS, LAYERS, NUM_SHARED, make_gemma4_checkpoint
 from safetensors.torch import load_file
-from test_parity_hf import PagedSeqs, assert_close, hf_logits, hf_model, make_executor, split_rows
+from test_parity_hf import (
+    PagedSeqs,
+    assert_close,
+    assert_greedy_matches_generate,
+    hf_logits,
+    make_executor,
+    paged_prefill_decode,
+    split_rows,
+)
 from tiny_models import WINDOW
 
 from pie.drivers.kv_plan import page_bytes
@@ -112,22 +120,9 @@ def test_prefill_and_paged_decode_match_hf(g4, arch, page_size):
     path = g4(arch)
     ex = make_executor(path, page_size, num_pages=200 if page_size == 1 else 16)
     assert ex.model_config.attention_kinds == ("full", "sliding")
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=page_size)
-    prompts = _prompts(ex.model_config.vocab_size)
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    got = [[rows] for rows in split_rows(res, batch)]
-    tokens = [list(p) for p in prompts]
-    nxt = [int(r[-1]) for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(4):
-        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(nxt)], page_size)
-        res = ex.execute(batch)
-        for i, t in enumerate(nxt):
-            tokens[i].append(t)
-            got[i].append(res.logits[i : i + 1])
-        nxt = [int(t) for t in res.tokens]
+    got, tokens = paged_prefill_decode(ex, _prompts(ex.model_config.vocab_size), page_size)
     for i in range(3):
-        assert_close(np.concatenate(got[i]), hf_logits(path, tokens[i]))
+        assert_close(got[i], hf_logits(path, tokens[i]))
 
 
 @pytest.mark.parametrize("arch", GEMMA4_ARCHS)
@@ -135,27 +130,7 @@ def test_batched_greedy_generation_matches_hf_generate(g4, arch):
     path = g4(arch)
     page_size = 3  # odd size: decode steps cross page boundaries often
     ex = make_executor(path, page_size)
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=2)
-    prompts = _prompts(ex.model_config.vocab_size, seed=3)
-    batch = make_batch([seqs.request(i, p, temperature=0.0) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    gen = [[int(r[-1])] for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(15):
-        batch = make_batch([seqs.request(i, g[-1:], temperature=0.0) for i, g in enumerate(gen)], page_size)
-        for g, t in zip(gen, ex.execute(batch).tokens, strict=True):
-            g.append(int(t))
-    model = hf_model(path)
-    for p, g in zip(prompts, gen, strict=True):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=16,
-                min_new_tokens=16,
-                do_sample=False,
-            )
-        assert g == ref[0, len(p) :].tolist()
+    assert_greedy_matches_generate(ex, path, _prompts(ex.model_config.vocab_size, seed=3), page_size)
 
 
 def test_shared_kv_layers_get_no_kv_memory(g4):

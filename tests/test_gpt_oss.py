@@ -21,7 +21,14 @@ import pytest
 import torch
 from gpu_marks import needs_flashinfer
 from safetensors.torch import load_file, save_file
-from test_parity_hf import PagedSeqs, assert_close, hf_logits, hf_model, make_executor, split_rows
+from test_parity_hf import (
+    PagedSeqs,
+    assert_close,
+    assert_greedy_matches_generate,
+    hf_logits,
+    make_executor,
+    paged_prefill_decode,
+)
 from tiny_models import WINDOW
 
 from pie.drivers.protocol import make_batch
@@ -59,21 +66,8 @@ def gptoss_spelling(tiny_checkpoint, tmp_path_factory):
 
 def _prefill_decode(path, page_size: int):
     ex = make_executor(path, page_size, num_pages=200 if page_size == 1 else 16)
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=page_size)
-    prompts = _prompts(ex.model_config.vocab_size)
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    got = [[rows] for rows in split_rows(res, batch)]
-    tokens = [list(p) for p in prompts]
-    nxt = [int(r[-1]) for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(4):
-        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(nxt)], page_size)
-        res = ex.execute(batch)
-        for i, t in enumerate(nxt):
-            tokens[i].append(t)
-            got[i].append(res.logits[i : i + 1])
-        nxt = [int(t) for t in res.tokens]
-    return ex, [np.concatenate(g) for g in got], tokens
+    got, tokens = paged_prefill_decode(ex, _prompts(ex.model_config.vocab_size), page_size)
+    return ex, got, tokens
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -100,27 +94,7 @@ def test_batched_greedy_generation_matches_hf_generate(tiny_checkpoint):
     path = tiny_checkpoint("gpt_oss")
     page_size = 3  # odd size: decode steps cross page boundaries often
     ex = make_executor(path, page_size)
-    seqs = PagedSeqs(ex.num_pages, page_size, seed=2)
-    prompts = _prompts(ex.model_config.vocab_size, seed=3)
-    batch = make_batch([seqs.request(i, p, temperature=0.0) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    gen = [[int(r[-1])] for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(15):  # no EOS stop: random weights, and generate below runs a fixed count too
-        batch = make_batch([seqs.request(i, g[-1:], temperature=0.0) for i, g in enumerate(gen)], page_size)
-        for g, t in zip(gen, ex.execute(batch).tokens, strict=True):
-            g.append(int(t))
-    model = hf_model(path)
-    for p, g in zip(prompts, gen, strict=True):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            ref = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=16,
-                min_new_tokens=16,
-                do_sample=False,
-            )
-        assert g == ref[0, len(p) :].tolist()
+    assert_greedy_matches_generate(ex, path, _prompts(ex.model_config.vocab_size, seed=3), page_size)
 
 
 @pytest.mark.parametrize(

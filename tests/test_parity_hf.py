@@ -77,6 +77,47 @@ def split_rows(result, batch) -> list[np.ndarray]:
     return np.split(result.logits, batch.qo_indptr[1:-1])
 
 
+def paged_prefill_decode(
+    ex, prompts: list[list[int]], page_size: int, steps: int = 4, seed: int | None = None
+):
+    """Prefill `prompts` in one batch on shuffled pages, then decode each sequence's greedy token `steps`
+    times, all in one batch. Returns ([rows, V] logits per sequence, token list per sequence)."""
+    seqs = PagedSeqs(ex.num_pages, page_size, seed=page_size if seed is None else seed)
+    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
+    res = ex.execute(batch)
+    got = [[rows] for rows in split_rows(res, batch)]
+    tokens = [list(p) for p in prompts]
+    nxt = [int(r[-1]) for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
+    for _ in range(steps):
+        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(nxt)], page_size)
+        res = ex.execute(batch)
+        for i, t in enumerate(nxt):
+            tokens[i].append(t)
+            got[i].append(res.logits[i : i + 1])
+        nxt = [int(t) for t in res.tokens]
+    return [np.concatenate(g) for g in got], tokens
+
+
+def assert_greedy_matches_generate(ex, path, prompts: list[list[int]], page_size: int, n: int = 16) -> None:
+    """n greedy tokens of the prompts decoded together, paged, equal transformers' generate one by one."""
+    seqs = PagedSeqs(ex.num_pages, page_size, seed=2)
+    batch = make_batch([seqs.request(i, p, temperature=0.0) for i, p in enumerate(prompts)], page_size)
+    res = ex.execute(batch)
+    gen = [[int(r[-1])] for r in np.split(res.tokens, batch.qo_indptr[1:-1])]
+    for _ in range(n - 1):  # no EOS stop: random weights, and generate below runs a fixed count too
+        batch = make_batch([seqs.request(i, g[-1:], temperature=0.0) for i, g in enumerate(gen)], page_size)
+        for g, t in zip(gen, ex.execute(batch).tokens, strict=True):
+            g.append(int(t))
+    model = hf_model(path)
+    for p, g in zip(prompts, gen, strict=True):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            ref = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
+        assert g == ref[0, len(p) :].tolist()
+
+
 def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
     err = float(np.abs(ours - ref).max())
