@@ -546,14 +546,36 @@ class Scheduler:
         tokens = result.tokens.tolist()
         logprobs = result.logprobs
         step_done = self._step_done
+        ps, max_pos = self.kv.ps, self.max_position
         for row, (g, hi) in enumerate(zip(fed.gens, fed.his, strict=True)):
-            g.seq.inflight -= 1
+            seq = g.seq
+            seq.inflight -= 1
             g.inflight -= 1
-            if g.failed or g.seq.closed:
+            if g.failed or seq.closed:
                 if g.inflight == 0 and not g.retired:
                     self._retire(g)
                 continue
-            step_done(g, hi, tokens[row], None if logprobs is None else float(logprobs[row]))
+            t = tokens[row]
+            toks = seq.tokens
+            # the common step, inline: the next step already holds a placeholder for this token, nothing
+            # stops, no stop strings, no page filled, nobody to wake (everything else: _step_done)
+            if (
+                hi < len(toks)
+                and logprobs is None
+                and g.detok is None
+                and g.finish_reason is None
+                and g.error is None
+                and t not in g.stop_ids
+                and len(g.tokens) + 1 < g.max_tokens
+                and len(g.tokens) + 1 < g.wake_at
+                and hi < (len(seq.hashes) + 1) * ps
+                and seq.positions[hi - 1] + 1 < max_pos
+            ):
+                g.done_steps += 1
+                toks[hi] = t
+                g.tokens.append(t)
+                continue
+            step_done(g, hi, t, None if logprobs is None else float(logprobs[row]))
         row = len(fed.gens)
         parts = None
         for i, c in enumerate(b.chunks):
