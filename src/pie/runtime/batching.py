@@ -48,13 +48,14 @@ class FedSteps:
 def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None) -> ForwardBatch:
     n_fed = 0 if fed is None else len(fed.gens)
     R = n_fed + len(chunks)
+    # the fed rows' positions, pages and records are extended in place (a FedSteps serves one batch)
     tokens: list[int] = [0] * n_fed  # placeholders: the device feeds them (prev_token_rows)
-    positions: list[int] = [] if fed is None else list(fed.positions)
-    pages: list[int] = [] if fed is None else list(fed.pages)
-    his: list[int] = [] if fed is None else list(fed.his)
-    los: list[int] = [h - 1 for h in his]
-    records: list[np.ndarray] = [] if fed is None else list(fed.records)
-    feeds = list(enumerate(fed.feeds)) if n_fed else None
+    positions: list[int] = [] if fed is None else fed.positions
+    pages: list[int] = [] if fed is None else fed.pages
+    his: list[int] = [] if fed is None else list(fed.his)  # fed.his stays the fed rows' (scheduler._finish)
+    los: list[int] = []  # of the chunks; a fed row's is its hi - 1
+    records: list[np.ndarray] = [] if fed is None else fed.records
+    feeds = None  # (token index, previous row) of chunks fed on the device (rare: fed rows come first)
     all_steps = True
     for c in chunks:
         s = c.work.seq
@@ -80,8 +81,8 @@ def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None
         else:
             records.append(c.samplers.view(_RECORD))
             all_steps = all_steps and c.out_slots is None
-    lo = np.array(los, dtype=np.int64)
     hi = np.array(his, dtype=np.int64)
+    lo = np.concatenate([hi[:n_fed] - 1, np.array(los, dtype=np.int64)])
     counts = hi - lo
     qo_indptr = np.zeros(R + 1, dtype=np.int32)
     np.cumsum(counts, out=qo_indptr[1:])
@@ -91,11 +92,13 @@ def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None
     np.cumsum(num_pages, out=page_indptr[1:])
     token_ids = np.array(tokens, dtype=np.int64)
     prev_rows = None
-    if feeds is not None:
+    if n_fed or feeds is not None:
         prev_rows = np.full(token_ids.shape[0], -1, dtype=np.int32)
-        at, rows = zip(*feeds, strict=True)
-        prev_rows[list(at)] = rows
-        token_ids[list(at)] = 0  # placeholders (-1) until the device fills them
+        prev_rows[:n_fed] = fed.feeds if n_fed else []
+        if feeds is not None:
+            at, rows = zip(*feeds, strict=True)
+            prev_rows[list(at)] = rows
+            token_ids[list(at)] = 0  # placeholders (-1) until the device fills them
 
     if all_steps:  # generation steps: one output each, the chunk's last row
         outs = qo_indptr[1:].astype(np.int64) - 1
