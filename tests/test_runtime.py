@@ -556,3 +556,28 @@ def test_pie_run_saves_a_snapshot_that_the_next_pie_run_opens(tmp_path, monkeypa
     with redirect_stdout(ref):
         assert main(["run", "--in-process", str(fresh)]) == 0
     assert out.getvalue() == ref.getvalue() and out.getvalue().startswith("[")
+
+
+def test_rewinding_a_page_only_the_prefix_cache_shares_takes_it_back_without_a_copy():
+    """generate() after flush() re-runs the last token; when its full page is held only by this context and
+    the prefix cache, the page leaves the cache instead of being copied."""
+
+    async def main():
+        d = FakeDriver(num_pages=32, page_size=4)
+        e = await engine_on(d)
+
+        async def inferlet(_):
+            ctx = Context(Model.load()).append(list(range(1, 9)))  # two full pages, both cached
+            await ctx.flush()
+            assert e.model().kv.num_cached == 2
+            page = ctx.page_ids[1]
+            toks = await ctx.generate(max_tokens=3, ignore_eos=True).collect_tokens()
+            assert toks == greedy(list(range(1, 9)), 3)
+            assert ctx.page_ids[1] == page and e.model().stats()["pages_copied"] == 0
+            return "ok"
+
+        assert await e.run_inferlet(inferlet, {}) == "ok"
+        assert_all_free(e.model())
+        await e.shutdown()
+
+    run(main())

@@ -181,6 +181,8 @@ class KVCache:
         del seq.hashes[keep // self.ps :]
         seq.kv_len = min(seq.kv_len, keep)
         seq.causal_len = min(seq.causal_len, keep)
+        if keep % self.ps and len(seq.pages) == keep_pages and seq.pages[-1] >= 0:
+            self._uncache_if_only_holder(seq.pages[-1])
         if (
             keep % self.ps
             and len(seq.pages) == keep_pages

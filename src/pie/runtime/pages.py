@@ -74,13 +74,6 @@ class PageAllocator:
         self._refs[ids] = 1
         return ids
 
-    def alloc_one(self) -> int:
-        if not self._free:
-            raise OutOfPagesError(f"out of KV pages: all {self.num_pages} in use")
-        p = self._free.pop()
-        self._refs[p] = 1
-        return p
-
     def incref(self, ids) -> None:
         if isinstance(ids, list) and len(ids) == 1:  # one page (the prefix cache takes one at a time)
             p = ids[0]

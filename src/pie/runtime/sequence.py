@@ -46,10 +46,6 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
-    @property
-    def is_idle(self) -> bool:
-        return self.work is None and self.inflight == 0
-
     def __repr__(self) -> str:
         return (
             f"Sequence({self.id}, tokens={len(self.tokens)}, kv_len={self.kv_len}, pages={self.pages}, "
