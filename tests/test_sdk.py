@@ -562,3 +562,37 @@ def test_tiny_memory_pressure_forks_and_prefix_sharing_keep_outputs_exact(tiny_d
         await tight.shutdown()
 
     run(main())
+
+
+def test_pages_that_leave_every_layers_window_are_released_and_results_are_unchanged(tiny_checkpoint):
+    """ministral3 (every layer slides, window 6) at page size 4: while contexts generate 40 tokens, pages
+    wholly outside the window are freed (their page-table entries point at one hole page), and the tokens
+    equal those of the same engine with release turned off."""
+    path = tiny_checkpoint("ministral3")
+
+    async def inferlet(_input):
+        m = Model.load()
+        ctxs = [Context(m).append(list(range(3 + i, 13 + i))) for i in range(3)]
+        outs = await asyncio.gather(
+            *(c.generate(Sampler.argmax(), max_tokens=40, ignore_eos=True).collect_tokens() for c in ctxs)
+        )
+        kv = m._rt.kv
+        if kv.window is not None:
+            for c in ctxs:
+                # 50 slots in 13 pages; the last query (slot 48) saw slots 43..48: pages 10..12 at most
+                assert len(c.page_ids) == 13 and len([p for p in c.page_ids if p != kv.hole]) <= 3, c.page_ids
+        return str(outs)
+
+    async def run_with(release: bool):
+        e = await tiny_engine(path)
+        if not release:
+            e.model().kv.window = None
+        out = await e.run_inferlet(inferlet, {})
+        st = e.model().stats()
+        await e.shutdown()
+        return out, st
+
+    released, st = run(run_with(True))
+    kept, st_kept = run(run_with(False))
+    assert released == kept
+    assert st["pages_released"] >= 27 and st_kept["pages_released"] == 0

@@ -229,6 +229,12 @@ class ModelExecutor:
             extra={
                 "attention_backend": self.backend.name,
                 "max_position_embeddings": cfg.max_position_embeddings,
+                # every layer slides: KV outside the largest window is never read again (runtime frees it)
+                "kv_window": (
+                    max(layer.sliding_window for layer in cfg.layers)
+                    if all(layer.sliding_window for layer in cfg.layers)
+                    else None
+                ),
                 "eos_token_ids": list(cfg.eos_token_ids),
                 "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),

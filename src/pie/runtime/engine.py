@@ -133,7 +133,9 @@ class Engine:
                 f"{PROTOCOL_VERSION}; reinstall the driver environment from this pie"
             )
         allocator = PageAllocator(caps.num_pages, hint)
-        kv = KVCache(allocator, caps.page_size, getattr(caps, "num_swap_slots", 0))
+        kv = KVCache(
+            allocator, caps.page_size, getattr(caps, "num_swap_slots", 0), caps.extra.get("kv_window") or None
+        )
         scheduler = Scheduler(driver, caps, kv, hint)
         fingerprint = (
             getattr(caps, "kv_fingerprint", "") or f"{caps.architecture}/page{caps.page_size}/{caps.dtype}"

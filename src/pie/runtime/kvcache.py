@@ -58,6 +58,7 @@ class KVStats:
     pages_swapped_in: int = 0
     pages_copied: int = 0
     pages_evicted: int = 0
+    pages_released: int = 0  # pages freed because they left every layer's sliding window
 
 
 @dataclass
@@ -97,9 +98,17 @@ class _PendingOps:
 
 
 class KVCache:
-    def __init__(self, allocator: PageAllocator, page_size: int, num_swap_slots: int = 0) -> None:
+    def __init__(
+        self, allocator: PageAllocator, page_size: int, num_swap_slots: int = 0, window: int | None = None
+    ) -> None:
         self.alloc = allocator
         self.ps = page_size
+        # Models whose every layer slides (window W): a page whose slots all lie W or more before the next
+        # query is never read again. It is freed and its page-table entry points at `hole`, one page held
+        # here for ever (attention masks it out; its content is never read for a result). The prefix
+        # cache is off for such models: a cached prefix would need pages that were freed.
+        self.window = window
+        self.hole = allocator.alloc(1)[0] if window else None
         self.stats = KVStats()
         self.snapshots: dict[str, Snapshot] = {}
         self._cache: OrderedDict[int, int] = OrderedDict()  # key -> page, oldest use first
@@ -113,6 +122,19 @@ class KVCache:
     # ---- sequences ----------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:
         return Sequence(next(self._ids))
+
+    def release_outside_window(self, seq: Sequence, end: int) -> None:
+        """Free seq's pages that no query after slot `end` - 1 can see (models whose every layer slides)."""
+        limit = min((end - self.window + 1) // self.ps, len(seq.pages))  # type: ignore[operator]
+        if limit <= seq.released or seq.state != RESIDENT:
+            return
+        hole, pages = self.hole, seq.pages
+        freed = [p for p in pages[seq.released : limit] if p != hole]
+        self.alloc.decref(freed)
+        self.alloc.incref(np.full(limit - seq.released, hole))
+        pages[seq.released : limit] = [hole] * (limit - seq.released)
+        seq.released = limit
+        self.stats.pages_released += len(freed)
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's pages (pins keep those still used by a batch alive until it ends)."""
@@ -131,6 +153,7 @@ class KVCache:
             self.alloc.decref(seq.pages)
         seq.pages = []
         seq.kv_len = 0
+        seq.released = 0
         seq.state = RESIDENT
 
     def fork(self, seq: Sequence) -> Sequence:
@@ -159,6 +182,11 @@ class KVCache:
         self.alloc.incref(dst.pages)
         dst.hashes = list(src.hashes[:full])
         dst.kv_len = kv
+        dst.released = 0
+        while (
+            self.hole is not None and dst.released < len(dst.pages) and dst.pages[dst.released] == self.hole
+        ):
+            dst.released += 1
 
     def truncate(self, seq: Sequence, n: int) -> None:
         """Drop the last n tokens of the KV (e.g. rejected speculative drafts)."""
@@ -167,6 +195,9 @@ class KVCache:
             raise ValueError(f"cannot truncate {n} tokens of a context holding {seq.num_tokens}")
         if n == 0:
             return
+        if seq.released:  # slots the kept tokens still need may have left the window: recompute them all
+            self.drop(seq)
+            self.stats.preemptions -= 1  # not a preemption
         self.ensure_resident(seq)  # may stay swapped when memory is short: then pages -1 are host slots
         keep = seq.num_tokens - n
         keep_pages = -(-keep // self.ps)
@@ -332,7 +363,13 @@ class KVCache:
         most `limit`) are now in seq's KV and need not be computed."""
         ps = self.ps
         kv = seq.kv_len
-        if not self._cache or kv % ps or seq.causal_len != kv or len(seq.hashes) != kv // ps:
+        if (
+            self.hole is not None
+            or not self._cache
+            or kv % ps
+            or seq.causal_len != kv
+            or len(seq.hashes) != kv // ps
+        ):
             return 0
         prev = seq.hashes[-1] if seq.hashes else _ROOT
         taken = 0
@@ -359,6 +396,8 @@ class KVCache:
 
     def register(self, seq: Sequence, upto: int) -> None:
         """Cache seq's full causal pages whose KV is complete up to slot `upto`."""
+        if self.hole is not None:  # no prefix cache for models whose every layer slides (see __init__)
+            return
         ps = self.ps
         last = min(upto, seq.causal_len, seq.kv_len) // ps
         first = len(seq.hashes)

@@ -146,6 +146,8 @@ class Scheduler:
 
     def _check_fits(self, num_tokens: int) -> None:
         need = -(-num_tokens // self.kv.ps)
+        if self.kv.window is not None:  # resident at once: the window plus one chunk, beside the hole page
+            need = min(need, -(-(self.kv.window + self.caps.max_batch_tokens) // self.kv.ps) + 2)
         if need > self.kv.alloc.num_pages:
             raise OutOfPagesError(
                 f"this context needs {need} KV pages for {num_tokens} tokens, more than the whole cache "
@@ -570,6 +572,7 @@ class Scheduler:
                 and len(g.tokens) + 1 < g.wake_at
                 and hi < (len(seq.hashes) + 1) * ps
                 and seq.positions[hi - 1] + 1 < max_pos
+                and self.kv.window is None
             ):
                 g.done_steps += 1
                 toks[hi] = t
@@ -598,6 +601,8 @@ class Scheduler:
                 parts = split_result(result, b.batch, b.chunks, len(fed.gens))
             w.parts.append(parts[i])
             self.kv.register(w.seq, c.hi)
+            if self.kv.window is not None:
+                self.kv.release_outside_window(w.seq, c.hi)
             if c.hi == w.end and w.inflight == 0:
                 self._complete(w)
                 if not w.future.done():
@@ -652,6 +657,8 @@ class Scheduler:
                 seq.positions.append(seq.positions[-1] + 1)
         if nxt >= (len(seq.hashes) + 1) * self.kv.ps:  # a page filled up: into the prefix cache
             self.kv.register(seq, nxt)
+        if self.kv.window is not None:
+            self.kv.release_outside_window(seq, nxt)
         if g.finish_reason is not None:
             if g.inflight == 0:
                 self._complete(g)
@@ -744,6 +751,7 @@ class Scheduler:
             "pages_swapped_in": s.pages_swapped_in,
             "pages_copied": s.pages_copied,
             "pages_evicted": s.pages_evicted,
+            "pages_released": s.pages_released,
             "pages_total": a.num_pages,
             "pages_used": a.num_used,
             "pages_free": a.num_free,

@@ -36,6 +36,7 @@ class Sequence:
     causal_len: int = 0
     state: str = RESIDENT
     swap_slots: list[int] | None = None  # host slot per page while SWAPPED (-1: page stayed on device)
+    released: int = 0  # pages [0, released) left the sliding window: they are the KV cache's hole page
     work: Work | None = None  # the pass or generation queued / running on it
     inflight: int = 0  # batches holding pins on its pages
     priority: float = 0.0  # higher is preempted later (scheduling hints)
