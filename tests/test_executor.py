@@ -305,3 +305,26 @@ def test_engine_uses_the_device_aware_hint():
 
     cfg = parse_config({"model": [{"name": "m", "driver": {"type": "dev"}}]}, "c.toml")
     assert "no effect on cpu" in Engine(cfg)._hint(cfg.default_model)
+
+
+def test_sampler_tensors_are_reused_only_while_the_rows_are_the_same(tiny_checkpoint):
+    """The executor keeps the last pass's sampler tensors on the device and reuses them for identical
+    rows; any change (a temperature, a seed) rebuilds them, so a seeded draw equals a fresh executor's."""
+    from pie.drivers.protocol import make_batch
+
+    path = tiny_checkpoint("qwen3")
+    ex, fresh = make_executor(path, 16), make_executor(path, 16)
+
+    def batch(**sampler):
+        reqs = [dict(token_ids=[1, 2, 3, 4], positions=[0, 1, 2, 3], pages=[i], last_page_len=4, outputs=[3], **sampler)
+                for i in range(3)]  # fmt: skip
+        return make_batch(reqs, 16)
+
+    ex.execute(batch())
+    first = ex._sampling
+    ex.execute(batch())
+    assert ex._sampling is first  # same rows: the device tensors are reused
+    seeded = dict(temperature=1.0, seed=1234)
+    got = ex.execute(batch(**seeded)).tokens
+    assert ex._sampling is not first
+    assert np.array_equal(got, fresh.execute(batch(**seeded)).tokens)
