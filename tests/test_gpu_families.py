@@ -44,14 +44,9 @@ def hf_logits(path, ids) -> np.ndarray:
         return _HF[str(path)](torch.tensor([list(ids)], device="cuda:0")).logits[0].float().cpu().numpy()
 
 
-@pytest.mark.gpu
-@needs_flashinfer
-@pytest.mark.parametrize("page_size", [1, 16])
-@pytest.mark.parametrize("arch", FAMILY_ARCHS)
-def test_family_bf16_flashinfer_matches_hf_fp32(fam, arch, page_size):
-    path = fam(arch)
-    ex = _cuda_executor(path, False, ps=page_size, num_pages=512)
-    assert ex.capabilities.extra["attention_backend"] == "flashinfer" and not ex.backend.has_fallback
+def check_bf16_against_hf(ex, path, arch: str, page_size: int, hf_logits) -> None:
+    """Prefill 3 sequences then 8 pure decode steps (the decode wrappers of every kind) on ex; each row's
+    logits against hf_logits(path, tokens): cosine and top-1 bars of assert_logits_close."""
     seqs, rng = Seqs(ex.num_pages, page_size, seed=page_size), np.random.default_rng(7)
     prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (5, 17, 33)]
     batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
@@ -59,7 +54,7 @@ def test_family_bf16_flashinfer_matches_hf_fp32(fam, arch, page_size):
     got = [[rows] for rows in np.split(res.logits, batch.qo_indptr[1:-1])]
     tokens = [list(p) for p in prompts]
     last = [int(t[-1]) for t in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(8):  # pure decode batches: the decode wrappers of both kinds
+    for _ in range(8):  # pure decode batches: the decode wrappers of every kind
         batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(last)], page_size)
         res = ex.execute(batch)
         for i, t in enumerate(last):
@@ -74,11 +69,9 @@ def test_family_bf16_flashinfer_matches_hf_fp32(fam, arch, page_size):
     assert agree / rows >= 0.99, f"{arch}: top-1 agreement {agree / rows:.3f}"
 
 
-@pytest.mark.gpu
-@needs_flashinfer
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "olmo3", "ministral3"])
-def test_family_graph_decode_matches_eager(fam, arch):
-    path, ps = fam(arch), 16
+def check_graph_decode_matches_eager(path, arch: str) -> None:
+    """12 decode steps of 4 sequences replayed from CUDA graphs give the eager executor's logits."""
+    ps = 16
     eager, graphed = _cuda_executor(path, False), _cuda_executor(path, True)
     V, rng, seqs = eager.model_config.vocab_size, np.random.default_rng(1), Seqs(256, ps, seed=2)
     prompts = [rng.integers(0, V, n).tolist() for n in (3, 9, 20, 33)]
@@ -91,6 +84,24 @@ def test_family_graph_decode_matches_eager(fam, arch):
         assert_same_logits(got.logits, want.logits, f"{arch} step {step}")
         last = [int(t) for t in want.tokens]
     assert graphed.graphs.stats.replays == 12 and graphed.graphs.stats.disabled is None
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_family_bf16_flashinfer_matches_hf_fp32(fam, arch, page_size):
+    path = fam(arch)
+    ex = _cuda_executor(path, False, ps=page_size, num_pages=512)
+    assert ex.capabilities.extra["attention_backend"] == "flashinfer" and not ex.backend.has_fallback
+    check_bf16_against_hf(ex, path, arch, page_size, hf_logits)
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "olmo3", "ministral3"])
+def test_family_graph_decode_matches_eager(fam, arch):
+    check_graph_decode_matches_eager(fam(arch), arch)
 
 
 # ---- real shapes (the bundled bench configs, fewer layers), random weights ------------------------------

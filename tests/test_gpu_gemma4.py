@@ -18,8 +18,9 @@ import pytest
 import torch
 from gemma4_tiny import GEMMA4_ARCHS, make_gemma4_checkpoint
 from gpu_marks import needs_flashinfer
-from test_cuda_graphs import _cuda_executor, assert_same_logits
+from test_cuda_graphs import _cuda_executor
 from test_gpu import Seqs, assert_logits_close
+from test_gpu_families import check_bf16_against_hf, check_graph_decode_matches_eager
 
 from pie.drivers.protocol import make_batch
 
@@ -62,26 +63,7 @@ def test_gemma4_bf16_flashinfer_matches_hf_fp32(g4gpu, arch, page_size):
     path = g4gpu(arch)
     ex = _cuda_executor(path, False, ps=page_size, num_pages=512)
     assert ex.capabilities.extra["attention_backend"] == "flashinfer" and not ex.backend.has_fallback
-    seqs, rng = Seqs(ex.num_pages, page_size, seed=page_size), np.random.default_rng(7)
-    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (5, 17, 33)]
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
-    res = ex.execute(batch)
-    got = [[rows] for rows in np.split(res.logits, batch.qo_indptr[1:-1])]
-    tokens = [list(p) for p in prompts]
-    last = [int(t[-1]) for t in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(8):
-        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(last)], page_size)
-        res = ex.execute(batch)
-        for i, t in enumerate(last):
-            tokens[i].append(t)
-            got[i].append(res.logits[i : i + 1])
-        last = [int(t) for t in res.tokens]
-    agree, rows = 0, 0
-    for i in range(3):
-        ours, ref = np.concatenate(got[i]), hf_logits(path, tokens[i])
-        assert_logits_close(ours, ref, f"{arch} ps={page_size} seq {i}")
-        agree, rows = agree + int((ours.argmax(-1) == ref.argmax(-1)).sum()), rows + len(ref)
-    assert agree / rows >= 0.99, f"{arch}: top-1 agreement {agree / rows:.3f}"
+    check_bf16_against_hf(ex, path, arch, page_size, hf_logits)
 
 
 @pytest.mark.gpu
@@ -89,19 +71,7 @@ def test_gemma4_bf16_flashinfer_matches_hf_fp32(g4gpu, arch, page_size):
 @pytest.mark.parametrize("arch", GEMMA4_ARCHS)
 def test_gemma4_graph_decode_matches_eager(g4gpu, arch):
     """Shared-KV layers read their source's pages inside the graph; the MoE grouped path has no host sync."""
-    path, ps = g4gpu(arch), 16
-    eager, graphed = _cuda_executor(path, False), _cuda_executor(path, True)
-    V, rng, seqs = eager.model_config.vocab_size, np.random.default_rng(1), Seqs(256, ps, seed=2)
-    prompts = [rng.integers(0, V, n).tolist() for n in (3, 9, 20, 33)]
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], ps)
-    eager.execute(batch), graphed.execute(batch)
-    last = [int(rng.integers(V)) for _ in prompts]
-    for step in range(12):  # crosses the window (6) and a page boundary for every sequence
-        batch = make_batch([seqs.request(i, [last[i]]) for i in range(len(prompts))], ps)
-        want, got = eager.execute(batch), graphed.execute(batch)
-        assert_same_logits(got.logits, want.logits, f"{arch} step {step}")
-        last = [int(t) for t in want.tokens]
-    assert graphed.graphs.stats.replays == 12 and graphed.graphs.stats.disabled is None
+    check_graph_decode_matches_eager(g4gpu(arch), arch)
 
 
 @pytest.mark.gpu
