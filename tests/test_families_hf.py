@@ -66,8 +66,12 @@ def test_batched_greedy_generation_matches_hf_generate(tiny_checkpoint, arch):
 def test_window_bites(tiny_checkpoint, tmp_path):
     """The same gemma2 weights with the window widened change the logits past the window: the test
     checkpoints' windows are small enough to matter."""
-    path = tiny_checkpoint("gemma2")
-    ids = _prompts(400)[2]
+    assert_window_bites(tiny_checkpoint("gemma2"), _prompts(400)[2], tmp_path)
+
+
+def assert_window_bites(path, ids: list[int], tmp_path) -> None:
+    """transformers' logits of `ids` on the checkpoint at `path` and on a copy with the window widened to
+    4096: equal inside the window, different past it."""
     wide = tmp_path / "wide"
     wide.mkdir()
     for f in path.iterdir():

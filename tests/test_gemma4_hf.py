@@ -17,6 +17,7 @@ import pytest
 import torch
 from gemma4_tiny import GEMMA4_ARCHS, LAYERS, NUM_SHARED, make_gemma4_checkpoint
 from safetensors.torch import load_file
+from test_families_hf import assert_window_bites
 from test_parity_hf import (
     PagedSeqs,
     assert_close,
@@ -157,17 +158,7 @@ def test_shared_kv_layers_get_no_kv_memory(g4):
 
 def test_window_bites(g4, tmp_path):
     """The same weights with the window widened change the logits past the window."""
-    path = g4("gemma4_text")
-    ids = _prompts(400)[2]
-    wide = tmp_path / "wide"
-    wide.mkdir()
-    for f in path.iterdir():
-        (wide / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((wide / "config.json").read_text())
-    (wide / "config.json").write_text(json.dumps({**cfg, "sliding_window": 4096}))
-    a, b = hf_logits(path, ids), hf_logits(wide, ids)
-    assert np.abs(a[:WINDOW] - b[:WINDOW]).max() < 1e-5
-    assert np.abs(a[WINDOW + 1 :] - b[WINDOW + 1 :]).max() > 1e-2
+    assert_window_bites(g4("gemma4_text"), _prompts(400)[2], tmp_path)
 
 
 def test_wrapper_loads_text_tower(g4):
