@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from tiny_models import CHATML_TEMPLATE, SPECIAL_TOKENS, WINDOW, _train_tokenizer
+from tiny_models import SPECIAL_TOKENS, WINDOW, _train_tokenizer, save_tokenizer
 
 GEMMA4_ARCHS = ("gemma4_text", "gemma4")
 LAYERS = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + [
@@ -117,16 +117,5 @@ def make_gemma4_checkpoint(dirpath: str | Path, arch: str, **overrides) -> Path:
         tc.pop("per_layer_config", None)
         tc.update(global_head_dim=text.per_layer_config[2].head_dim, num_global_key_value_heads=None)
         path.write_text(json.dumps(cfg, indent=2))
-    tok.save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "chat_template": CHATML_TEMPLATE,
-        "model_max_length": 512,
-        "add_bos_token": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    save_tokenizer(tok, out)
     return out

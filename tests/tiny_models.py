@@ -264,6 +264,12 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
         cfg_path = out / "config.json"
         cfg_path.write_text(json.dumps(_legacy_keys(base, json.loads(cfg_path.read_text())), indent=2))
 
+    save_tokenizer(tok, out)
+    return out
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    """The tiny trained tokenizer and a ChatML tokenizer_config beside a checkpoint."""
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -276,7 +282,6 @@ def make_tiny_checkpoint(dirpath: str | Path, arch: str, **config_overrides) -> 
         "add_bos_token": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    return out
 
 
 def hf_model_class(config):
