@@ -313,9 +313,14 @@ class KVCache:
     # ---- pages for a pass -----------------------------------------------------------------------
     def alloc_pages(self, n: int) -> list[int]:
         """n fresh pages, evicting unused cached pages if needed; OutOfPagesError if still short."""
+        self.ensure_free(n)
+        return self.alloc.alloc(n)
+
+    def ensure_free(self, n: int) -> bool:
+        """Evict unused cached pages until n pages are free; whether there are."""
         if n > self.alloc.num_free:
             self.evict(n - self.alloc.num_free)
-        return self.alloc.alloc(n)
+        return n <= self.alloc.num_free
 
     def num_available(self) -> int:
         """Pages that can be had without preempting anyone: free plus evictable cached pages."""
@@ -326,10 +331,8 @@ class KVCache:
 
     def grow(self, seq: Sequence, kv_end: int) -> bool:
         """Give seq pages covering kv_end slots; False (nothing changed) when memory is short."""
-        need = -(-kv_end // self.ps) - len(seq.pages)
-        if need <= 0:
-            return True
-        if need > self.alloc.num_free and self.evict(need - self.alloc.num_free) < need - self.alloc.num_free:
+        need = self.pages_needed(seq, kv_end)
+        if not self.ensure_free(need):
             return False
         seq.pages += self.alloc.alloc(need)
         return True
@@ -489,7 +492,7 @@ class KVCache:
             return True
         assert seq.swap_slots is not None
         holes = [i for i, p in enumerate(seq.pages) if p < 0]
-        if not self.grow_pages_for(len(holes)):
+        if not self.ensure_free(len(holes)):
             return False
         fresh = self.alloc.alloc(len(holes))
         for i, q in zip(holes, fresh, strict=True):
@@ -505,11 +508,6 @@ class KVCache:
         seq.state = RESIDENT
         self.stats.pages_swapped_in += len(holes)
         return True
-
-    def grow_pages_for(self, n: int) -> bool:
-        if n > self.alloc.num_free:
-            self.evict(n - self.alloc.num_free)
-        return n <= self.alloc.num_free
 
     # ---- page ops -------------------------------------------------------------------------------
     def _group(self, reads=()) -> _PendingOps:

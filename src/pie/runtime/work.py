@@ -167,9 +167,6 @@ class Work:
             rows[a - lo :] = self.mask[a - self.base : hi - self.base, :kv_end]
         return rows
 
-    def result(self) -> ForwardResult:
-        return merge_parts(self)
-
 
 @dataclass(eq=False)
 class Generation(Work):
