@@ -322,10 +322,6 @@ class KVCache:
             self.evict(n - self.alloc.num_free)
         return n <= self.alloc.num_free
 
-    def num_available(self) -> int:
-        """Pages that can be had without preempting anyone: free plus evictable cached pages."""
-        return self.alloc.num_free + sum(1 for p in self._cached_pages if self._evictable(p))
-
     def pages_needed(self, seq: Sequence, kv_end: int) -> int:
         return max(0, -(-kv_end // self.ps) - len(seq.pages))
 

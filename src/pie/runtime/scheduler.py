@@ -22,6 +22,7 @@ exactly the works in it; the loop goes on with the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from pie.runtime.work import DECODE_TOKENS, Generation, Work, merge_parts, sampl
 
 log = logging.getLogger(__name__)
 
+_MEMORY_POLL_S = 0.01  # how often a scheduler with nothing to run but work waiting for memory looks again
 PREFILL_RESERVE = 256  # tokens per step kept for waiting prefills while decodes fill the batch
 
 
@@ -100,6 +102,7 @@ class Scheduler:
             )
         self.seqs.pop(seq.id, None)
         self.kv.release(seq)
+        self._wake.set()  # its pages may be what a waiting pass needs
 
     def submit(self, w: Work) -> asyncio.Future:
         """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
@@ -169,12 +172,12 @@ class Scheduler:
                     self._launch(chunks)
                 if not self._inflight:
                     self._wake.clear()
-                    if not self._plannable():
-                        await self._wake.wait()
+                    if self._plannable():  # waiting for memory: a release wakes us (others free it
+                        # too, e.g. a truncate or a deleted snapshot), so also look again shortly
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), _MEMORY_POLL_S)
                     else:
-                        await asyncio.sleep(0)  # memory is short and nothing runs: let releases happen
-                        if not self._inflight and not self._progress_possible():
-                            await self._wake.wait()
+                        await self._wake.wait()
                     continue
                 head = self._inflight[0]
                 await asyncio.wait([head.task])
@@ -198,10 +201,6 @@ class Scheduler:
 
     def _plannable(self) -> bool:
         return any(self._wants(w) for w in self.works)
-
-    def _progress_possible(self) -> bool:
-        """Whether a plan could succeed now (memory may have been freed by a release)."""
-        return any(self._wants(w) for w in self.works) and self.kv.num_available() > 0
 
     def _wants(self, w: Work) -> bool:
         if w.failed:
