@@ -38,7 +38,6 @@ class FedSteps:
     gens: list = field(default_factory=list)  # Generation per row
     his: list[int] = field(default_factory=list)  # KV length after the step (its slot + 1)
     positions: list[int] = field(default_factory=list)
-    num_pages: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)  # the rows' page lists, concatenated
     feeds: list[int] = field(default_factory=list)  # output row of the previous batch holding the token
     records: list[np.ndarray] = field(default_factory=list)  # sampler record per row

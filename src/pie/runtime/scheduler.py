@@ -255,11 +255,10 @@ class Scheduler:
         max_pos = self.max_position
         number = self.num_steps  # the batch this plan becomes
         fed = self._fed = FedSteps()
-        f_gens, f_his, f_pos, f_np, f_pages, f_feeds, f_recs = (
+        f_gens, f_his, f_pos, f_pages, f_feeds, f_recs = (
             fed.gens,
             fed.his,
             fed.positions,
-            fed.num_pages,
             fed.pages,
             fed.feeds,
             fed.records,
@@ -304,9 +303,7 @@ class Scheduler:
             f_gens.append(g)
             f_his.append(nt + 1)
             f_pos.append(pos)
-            n = nt // ps + 1
-            f_np.append(n)
-            f_pages += pages[:n]
+            f_pages += pages[: nt // ps + 1]
             f_recs.append(rec)
             if g.return_logprobs:
                 fed.return_logprobs = True
