@@ -63,7 +63,9 @@ def hf_model(path) -> torch.nn.Module:
     key = str(path)
     if key not in _HF:
         cls = hf_model_class(transformers.AutoConfig.from_pretrained(key))
-        _HF[key] = cls.from_pretrained(key, dtype=torch.float32).eval()
+        _HF[key] = cls.from_pretrained(
+            key, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+        ).eval()
     return _HF[key]
 
 

@@ -286,9 +286,9 @@ def save_tokenizer(tok, out: Path) -> None:
 
 def hf_model_class(config):
     """The transformers auto class that builds a config's model with an LM head (mistral3 is registered
-    for image-text-to-text only)."""
+    for image-text-to-text only, and so is gemma4's wrapper)."""
     import transformers as tf
 
-    if getattr(config, "model_type", None) == "mistral3":
+    if getattr(config, "model_type", None) in ("mistral3", "gemma4"):
         return tf.AutoModelForImageTextToText
     return tf.AutoModelForCausalLM
