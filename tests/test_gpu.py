@@ -256,21 +256,23 @@ def assert_bf16_parity(ours: np.ndarray, ref: np.ndarray, hf16: np.ndarray, what
       some families are chaotic in bf16 (Gemma 3/4: transformers' own bf16 run reaches min cosine 0.6-0.97,
       measured on an H200); there pie's min must be within 0.03 of transformers' and its mean within 0.002.
     - Top-1: >= 99% agreement on the rows whose fp32 top-2 margin is clear (> 0.1; a closer race is decided
-      by bf16 rounding, for transformers' bf16 as for pie's), and overall within 5 points of transformers'.
+      by bf16 rounding, for transformers' bf16 as for pie's), or within 5 points of transformers' bf16 there
+      where it misses 99% itself (MoE routing flips and the chaotic tiny Gemma 4); overall within 5 points.
     Exactness of the GPU code itself is judged in fp32 (check_fp32_against_hf in test_gpu_families.py)."""
     mine, theirs = logit_stats(ours, ref), logit_stats(hf16, ref)
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.1
     clear_top1 = float((ours.argmax(-1) == ref.argmax(-1))[clear].mean()) if clear.any() else 1.0
+    their_clear = float((hf16.argmax(-1) == ref.argmax(-1))[clear].mean()) if clear.any() else 1.0
     if os.environ.get("PIE_PARITY_LOG"):
         with open(os.environ["PIE_PARITY_LOG"], "a") as f:
             f.write(f"{what}\tpie min/mean cos, top1 = {mine[0]:.6f} {mine[1]:.6f} {mine[2]:.3f}"
-                    f" (clear rows {clear_top1:.3f} of {int(clear.sum())})"
+                    f" (clear rows {clear_top1:.3f} of {int(clear.sum())}, hf-bf16 {their_clear:.3f})"
                     f"\thf-bf16 = {theirs[0]:.6f} {theirs[1]:.6f} {theirs[2]:.3f}\n")  # fmt: skip
     detail = f"{what}: pie (min cos, mean cos, top-1) {mine}, top-1 on clear rows {clear_top1:.3f}; transformers bf16 {theirs}"
     assert mine[0] >= min(0.999, theirs[0] - 0.03), detail
     assert mine[1] >= min(0.9995, theirs[1] - 0.002), detail
-    assert clear_top1 >= 0.99 and mine[2] >= theirs[2] - 0.05, detail
+    assert clear_top1 >= min(0.99, their_clear - 0.05) and mine[2] >= theirs[2] - 0.05, detail
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def fam(tmp_path_factory):
 
 def run_prefill_decode(ex, page_size: int, steps: int = 8) -> tuple[list[np.ndarray], list[list[int]]]:
     """Prefill 3 sequences (5, 17, 33 tokens) then `steps` pure decode steps (the decode wrappers of every
-    kind) on ex, feeding back its own tokens. Returns each sequence's logit rows and its tokens."""
+    kind) on ex, feeding back its own tokens. Returns each sequence's logit rows and its tokens (the prompt,
+    then the `steps` fed tokens: a row per token)."""
     seqs, rng = Seqs(ex.num_pages, page_size, seed=page_size), np.random.default_rng(7)
     prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (5, 17, 33)]
     batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
@@ -65,7 +66,7 @@ def check_bf16_against_hf(ex, path, arch: str, page_size: int, cached: bool = Fa
     (tests/test_gpu.py's assert_bf16_parity), all rows of the 3 sequences together. cached: transformers
     prefills and then decodes with its cache as pie does (LongRoPE's set switch depends on it)."""
     rows, tokens = run_prefill_decode(ex, page_size)
-    n = [len(t) - len(r) + 1 for t, r in zip(tokens, rows, strict=True)]  # prompt lengths
+    n = [len(t) - 8 for t in tokens]  # prompt lengths: run_prefill_decode fed 8 tokens after each prompt
 
     def hf(t, k, dtype):
         return hf_cuda_cached_logits(path, t[:k], t[k:], dtype) if cached else hf_cuda_logits(path, t, dtype)
