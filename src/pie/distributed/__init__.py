@@ -1,0 +1,147 @@
+"""Tensor-parallel process group: this process's rank, the group's size, and the collectives layers use.
+
+One process per device; rank 0 is the driver's own process. `init_tp` joins the group (NCCL on CUDA, gloo
+on CPU, plus a gloo group for host-side control messages); until then, and at tensor_parallel_size 1, every
+collective is a no-op, so layers call them unconditionally. Layers read `tp_rank()` / `tp_size()` when
+they are built (each rank builds only its shard).
+
+Collectives are in-place / static-shaped so CUDA graphs can capture them (NCCL all-reduce and
+all-gather-into-tensor are capturable).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TPState:
+    rank: int = 0
+    size: int = 1
+    device: torch.device | None = None
+    group: object | None = None  # ProcessGroup for tensors (NCCL or gloo); None at size 1
+    control: object | None = None  # gloo ProcessGroup for pickled host messages (batches)
+
+
+_STATE = TPState()
+# torch 2.13 renamed all_gather_into_tensor (older name deprecated there; older torch has only it)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def tp_rank() -> int:
+    return _STATE.rank
+
+
+def tp_size() -> int:
+    return _STATE.size
+
+
+def tp_state() -> TPState:
+    return _STATE
+
+
+def init_tp(rank: int, size: int, device: torch.device, init_method: str, timeout_s: float = 300.0) -> None:
+    """Join the tensor-parallel group of `size` processes (blocking until all have joined, at most
+    timeout_s). init_method: a torch.distributed URL ("tcp://127.0.0.1:PORT" or "file:///path")."""
+    if _STATE.size > 1:
+        raise RuntimeError("this process already belongs to a tensor-parallel group")
+    if size == 1:
+        _STATE.device = device
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout, **kwargs
+    )
+    group = dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
+    _STATE.rank, _STATE.size, _STATE.device, _STATE.group, _STATE.control = rank, size, device, group, control
+    log.info("tensor-parallel rank %d of %d on %s (%s)", rank, size, device, backend)
+
+
+def destroy_tp() -> None:
+    """Leave the group (idempotent); collectives become no-ops again."""
+    global _STATE
+    if _STATE.size > 1 and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # a peer already gone: nothing left to tear down cleanly
+            log.debug("destroy_process_group: %s", e)
+    _STATE = TPState()
+
+
+def abort_tp() -> None:
+    """Unblock collectives stuck on a dead peer (NCCL: abort the communicators), then leave the group."""
+    global _STATE
+    group = _STATE.group
+    if group is not None:
+        for g in {id(group): group, id(_STATE.control): _STATE.control}.values():
+            backend = _backend_of(g)
+            abort = getattr(backend, "abort", None) if backend is not None else None
+            if abort is not None:
+                try:
+                    abort()
+                except Exception as e:
+                    log.debug("process group abort: %s", e)
+    _STATE = TPState()
+
+
+def _backend_of(group):
+    try:
+        return group._get_backend(_STATE.device or torch.device("cpu"))
+    except Exception:
+        return None
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place; returns x (no-op at size 1)."""
+    if _STATE.size > 1:
+        dist.all_reduce(x, group=_STATE.group)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's `x` (same shape on all) along `dim`, rank order (x at size 1)."""
+    if _STATE.size == 1:
+        return x
+    x = x.contiguous()
+    # [tp * x.shape[0], ...]: the flat layout both NCCL and gloo take, viewed as [tp, *x.shape]
+    out = torch.empty((_STATE.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_flat(out, x, group=_STATE.group)
+    dim = dim % x.dim()
+    return torch.cat(out.view(_STATE.size, *x.shape).unbind(0), dim=dim)
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank src's `x` into every rank's `x` (same shape and dtype everywhere), in place."""
+    if _STATE.size > 1:
+        dist.broadcast(x, src=src, group=_STATE.group)
+    return x
+
+
+def broadcast_object(obj: object = None, src: int = 0) -> object:
+    """Rank src's picklable object on every rank, through the gloo control group."""
+    if _STATE.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_STATE.control)
+    return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order, through the gloo control group ([obj] at size 1)."""
+    if _STATE.size == 1:
+        return [obj]
+    out: list = [None] * _STATE.size
+    dist.all_gather_object(out, obj, group=_STATE.control)
+    return out
