@@ -70,9 +70,9 @@ def init_tp(rank: int, size: int, device: torch.device, init_method: str, timeou
 
 
 def destroy_tp() -> None:
-    """Leave the group (idempotent); collectives become no-ops again."""
+    """Leave the group (idempotent; also after abort_tp); collectives become no-ops again."""
     global _STATE
-    if _STATE.size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception as e:  # a peer already gone: nothing left to tear down cleanly
@@ -81,19 +81,20 @@ def destroy_tp() -> None:
 
 
 def abort_tp() -> None:
-    """Unblock collectives stuck on a dead peer (NCCL: abort the communicators), then leave the group."""
-    global _STATE
+    """Unblock collectives stuck on a dead peer (NCCL: abort the communicators; gloo fails on its own when
+    the peer's socket closes). The group stays this process's until destroy_tp: a pass still running must
+    not see tensor_parallel_size 1 halfway through."""
     group = _STATE.group
-    if group is not None:
-        for g in {id(group): group, id(_STATE.control): _STATE.control}.values():
-            backend = _backend_of(g)
-            abort = getattr(backend, "abort", None) if backend is not None else None
-            if abort is not None:
-                try:
-                    abort()
-                except Exception as e:
-                    log.debug("process group abort: %s", e)
-    _STATE = TPState()
+    if group is None:
+        return
+    for g in {id(group): group, id(_STATE.control): _STATE.control}.values():
+        backend = _backend_of(g)
+        abort = getattr(backend, "abort", None) if backend is not None else None
+        if abort is not None:
+            try:
+                abort()
+            except Exception as e:
+                log.debug("process group abort: %s", e)
 
 
 def _backend_of(group):

@@ -178,13 +178,11 @@ class TPGroup:
             w.kill()
 
     def _explain(self, what: str) -> str:
-        """`what` plus the recorded rank failure, when there is one (wait briefly for the monitor)."""
-        deadline = time.monotonic() + 2.0
+        """The recorded rank failure, else `what`. A collective that fails usually means a rank died: give
+        the monitor a few seconds to see the exit (the socket closes before the process is reaped)."""
+        deadline = time.monotonic() + 3.0
         while self.failure is None and time.monotonic() < deadline:
-            if any(w.proc.poll() is not None for w in self.workers):
-                time.sleep(_POLL_S * 2)
-                continue
-            break
+            time.sleep(_POLL_S)
         return self.failure or what
 
     def check(self) -> None:
@@ -247,7 +245,9 @@ class TPGroup:
             w.kill()
             if w.proc.stdin is not None:
                 w.proc.stdin.close()
-        destroy_tp() if healthy else abort_tp()
+        if not healthy:
+            abort_tp()
+        destroy_tp()
 
 
 class TensorParallelExecutor:
