@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ def init_tp(rank: int, size: int, device: torch.device, init_method: str, timeou
     group = dist.group.WORLD
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
     _STATE.rank, _STATE.size, _STATE.device, _STATE.group, _STATE.control = rank, size, device, group, control
+    # the first collective sets up the communicators: here, not inside a CUDA-graph capture later
+    dist.barrier(group=control)
+    all_reduce(torch.zeros(1, device=device))
     log.info("tensor-parallel rank %d of %d on %s (%s)", rank, size, device, backend)
 
 
@@ -146,3 +150,52 @@ def all_gather_object(obj: object) -> list:
     out: list = [None] * _STATE.size
     dist.all_gather_object(out, obj, group=_STATE.control)
     return out
+
+
+def time_step_collectives(
+    tokens: int,
+    outputs: int,
+    hidden: int,
+    vocab_per_rank: int,
+    num_layers: int,
+    dtype: torch.dtype,
+    iters: int = 20,
+) -> float:
+    """Seconds the collectives of one forward pass take alone, measured on this rank (every rank must call
+    it with the same arguments): (2 * num_layers + 1) all-reduces of [tokens, hidden] (after attention and
+    after the MLP of each layer, and the embedding) and the logits' all-gather of [outputs, vocab_per_rank].
+    On CUDA they are captured in a CUDA graph and replayed, as the decode step's are, and timed with CUDA
+    events; elsewhere timed eagerly."""
+    if _STATE.size == 1:
+        return 0.0
+    device = _STATE.device
+    x = torch.zeros(tokens, hidden, dtype=dtype, device=device)
+    logits = torch.zeros(max(outputs, 1), vocab_per_rank, dtype=dtype, device=device)
+
+    def step() -> None:
+        for _ in range(2 * num_layers + 1):
+            all_reduce(x)
+        all_gather(logits)
+
+    if device is not None and device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            step()  # warm-up outside the capture
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    step()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - t0) / iters

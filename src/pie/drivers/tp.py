@@ -273,6 +273,26 @@ class TensorParallelExecutor:
             device=",".join(self.group.devices),
         )
 
+    @property
+    def graphs(self):
+        """The CUDA-graph runner, with `prepare` run on every rank (a capture holds collectives)."""
+        return None if self.local.graphs is None else _GroupGraphs(self)
+
+    def time_collectives(self, tokens: int, outputs: int, iters: int = 20) -> float:
+        """Seconds the collectives of one pass of `tokens` tokens and `outputs` logits rows take alone
+        (pie.distributed.time_step_collectives, on every rank)."""
+        from pie.distributed import broadcast_object, time_step_collectives
+
+        cfg = self.local.model_config
+        vocab_per_rank = -(-cfg.vocab_size // self.group.size)
+        args = (tokens, outputs, cfg.hidden_size, vocab_per_rank, cfg.num_layers, self.local.dtype, iters)
+
+        def run():
+            broadcast_object(("time_collectives", args))
+            return time_step_collectives(*args)
+
+        return self.group.call(run, "timing the collectives")
+
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         return self.launch(batch)()
 
@@ -332,6 +352,25 @@ def gather_read(res: PageOpsResult, others: list, local_nbytes: int) -> PageOpsR
         return res
     parts = [res.data] + [o for o in others[1:]]
     return PageOpsResult(data=np.concatenate(parts, axis=1))
+
+
+class _GroupGraphs:
+    """executor.graphs of a group: `prepare` (capture) on every rank; the rest is rank 0's runner."""
+
+    def __init__(self, executor: TensorParallelExecutor) -> None:
+        self._executor = executor
+
+    def __getattr__(self, name: str):
+        return getattr(self._executor.local.graphs, name)
+
+    def prepare(self, batch_size: int) -> bool:
+        from pie.distributed import broadcast_object
+
+        def run():
+            broadcast_object(("prepare_graph", batch_size))
+            return self._executor.local.graphs.prepare(batch_size)
+
+        return self._executor.group.call(run, "capturing a CUDA graph")
 
 
 class _Pending:

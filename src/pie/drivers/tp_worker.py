@@ -47,6 +47,13 @@ def serve(rank: int, device: str) -> None:
             nbytes = executor.page_mover.page_nbytes
             res = executor.page_ops(rank_ops(msg[1], rank, nbytes))
             all_gather_object(res.data)
+        elif kind == "prepare_graph":
+            if executor.graphs is not None:
+                executor.graphs.prepare(msg[1])
+        elif kind == "time_collectives":
+            from pie.distributed import time_step_collectives
+
+            time_step_collectives(*msg[1])
         elif kind == "release":
             executor = None
         elif kind == "stop":
