@@ -81,7 +81,8 @@ class _Worker:
 
     def __init__(self, rank: int, cmd: list[str], env: dict) -> None:
         self.rank = rank
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        # stdout onto our stderr: rank 0's stdout may be a result (pie bench --json)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=2, stderr=subprocess.PIPE, env=env)
         self.tail: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         self._reader = threading.Thread(target=self._read, name=f"pie-tp-rank{rank}-stderr", daemon=True)
         self._reader.start()
