@@ -15,6 +15,8 @@ mkdir -p "$OUT/logs"
 BUDGET="${PIE_GPU_BUDGET_S:-560}"
 START=$SECONDS
 export PIE_HOME="$(mktemp -d)" HF_HUB_OFFLINE=1 PIE_REQUIRE_FLASHINFER=1 PYTHONUNBUFFERED=1
+# NVLink multicast stays off on these shared hosts (KINDS.md); the ranks inherit this environment
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STEPS="${*:-warm test run bench1 bench2 bench4 summary}"
 NGPU=$(nvidia-smi --list-gpus | wc -l)
 

@@ -11,6 +11,7 @@ all-gather-into-tensor are capturable).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
@@ -199,3 +200,17 @@ def time_step_collectives(
     for _ in range(iters):
         step()
     return (time.perf_counter() - t0) / iters
+
+
+@contextlib.contextmanager
+def simulated_rank(rank: int, size: int):
+    """Layers built inside see rank `rank` of `size` without a group (planning: the shapes and bytes of a
+    rank's shard, e.g. for pie doctor, on the meta device). Running collectives inside is an error."""
+    global _STATE
+    if _STATE.size > 1:
+        raise RuntimeError("simulated_rank inside a real tensor-parallel group")
+    saved, _STATE = _STATE, TPState(rank=rank, size=size)
+    try:
+        yield
+    finally:
+        _STATE = saved

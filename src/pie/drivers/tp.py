@@ -392,3 +392,32 @@ class _Pending:
             time.sleep(0.0001)
         self.group.check()
         return self.pending()
+
+
+def layout_estimate(model_path: str, tp: int, dtype: str = "bfloat16", page_size: int = 32) -> list[dict]:
+    """Per rank: its weight bytes (the shard's parameters, built on the meta device: nothing allocated) and
+    its KV bytes per page of page_size tokens. Raises DriverError when the model does not split over tp."""
+    import torch
+
+    from pie.distributed import simulated_rank
+    from pie.drivers.executor import resolve_dtypes, tensor_parallel_problem
+    from pie.drivers.kv_plan import page_bytes
+    from pie.models.config import read_model_config
+    from pie.models.registry import get_model_class
+
+    cfg = read_model_config(model_path)
+    cls = get_model_class(cfg.model_type)
+    problem = tensor_parallel_problem(cfg, cls, tp)
+    if problem is not None:
+        raise DriverError(problem)
+    act, _ = resolve_dtypes(dtype, "auto")
+    elem = torch.empty((), dtype=act).element_size()
+    out = []
+    for rank in range(tp):
+        with simulated_rank(rank, tp), torch.device("meta"):
+            model = cls(cfg)
+        weights = sum(p.numel() for p in model.parameters()) * elem
+        out.append(
+            {"rank": rank, "weights_bytes": weights, "kv_page_bytes": page_bytes(cfg, page_size, act, tp)}
+        )
+    return out
