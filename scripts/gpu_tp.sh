@@ -6,7 +6,8 @@
 # tp 2 batch-1 decode >= 1.6x faster than tp 1. Logs and bench JSON go to $OUT.
 #
 # Usage (repository root, on a machine with 2 or more GPUs):  bash scripts/gpu_tp.sh [STEP ...]
-# Steps: warm test run bench1 bench2 bench4 summary (default: all)
+# Steps: warm test run bench1 bench2 bench4 bench2nccl summary (default: all). Small all-reduces use
+# symmetric memory (one-shot, peer to peer) unless PIE_TP_ALLREDUCE=nccl; bench2nccl is tp 2 with NCCL only.
 # The whole run stays under PIE_GPU_BUDGET_S seconds (default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ START=$SECONDS
 export PIE_HOME="$(mktemp -d)" HF_HUB_OFFLINE=1 PIE_REQUIRE_FLASHINFER=1 PYTHONUNBUFFERED=1
 # NVLink multicast stays off on these shared hosts (KINDS.md); the ranks inherit this environment
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-STEPS="${*:-warm test run bench1 bench2 bench4 summary}"
+STEPS="${*:-warm test run bench1 bench2 bench4 bench2nccl summary}"
 NGPU=$(nvidia-smi --list-gpus | wc -l)
 
 run() {  # run NAME LIMIT_S COMMAND...
@@ -83,6 +84,9 @@ for tp in 1 2 4; do
   if ((NGPU < tp)); then echo "== bench$tp: SKIPPED ($NGPU GPUs)" | tee -a "$OUT/summary.txt"; continue; fi
   run "bench-8b-tp$tp" 170 bash -c "python -m pie bench --model-config llama-3.1-8b --random-weights --tp $tp --batch-sizes 1,64 --prefill 4x2048 --json > '$OUT/bench_8b_tp$tp.json'"
 done
+if has bench2nccl && ((NGPU >= 2)); then
+  run bench-8b-tp2-nccl 170 env PIE_TP_ALLREDUCE=nccl bash -c "python -m pie bench --model-config llama-3.1-8b --random-weights --tp 2 --batch-sizes 1,64 --prefill 4x2048 --json > '$OUT/bench_8b_tp2_nccl.json'"
+fi
 
 if has summary; then
   python - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
@@ -90,7 +94,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 rows = {}
-for tp in (1, 2, 4):
+for tp in (1, 2, 4, "2_nccl"):
     p = out / f"bench_8b_tp{tp}.json"
     try:
         rows[tp] = json.loads(p.read_text())
@@ -101,13 +105,13 @@ if 1 not in rows:
 def figs(rec):
     return {f["name"]: f for f in rec["figures"]}
 base = figs(rows[1])
-print(f"{'tp':>3} {'b1 ms/tok':>10} {'x tp1':>6} {'b64 tok/s':>10} {'x tp1':>6} {'prefill tok/s':>14} {'x tp1':>6}  collectives ms (b1 / b64 / prefill)")
-for tp, rec in sorted(rows.items()):
+print(f"{'tp':>6} {'b1 ms/tok':>10} {'x tp1':>6} {'b64 tok/s':>10} {'x tp1':>6} {'prefill tok/s':>14} {'x tp1':>6}  collectives ms (b1 / b64 / prefill)")
+for tp, rec in rows.items():
     f = figs(rec)
     b1, b64, pre = f["decode_ms_per_token"], f["decode_tokens_per_s_b64"], f["prefill_tokens_per_s"]
     coll = (rec.get("tensor_parallel") or {}).get("collective_s", {})
     c = " / ".join(f"{coll[k] * 1e3:.3f}" if k in coll else "-" for k in ("decode_b1", "decode_b64", "prefill"))
-    print(f"{tp:>3} {b1['value']:>10.3f} {base['decode_ms_per_token']['value'] / b1['value']:>6.2f} "
+    print(f"{tp!s:>6} {b1['value']:>10.3f} {base['decode_ms_per_token']['value'] / b1['value']:>6.2f} "
           f"{b64['value']:>10.0f} {b64['value'] / base['decode_tokens_per_s_b64']['value']:>6.2f} "
           f"{pre['value']:>14.0f} {pre['value'] / base['prefill_tokens_per_s']['value']:>6.2f}  {c}")
 if 2 in rows:

@@ -145,29 +145,6 @@ def test_page_nbytes_match_tp1(checkpoints, references, group):
         executor.close()
 
 
-def test_killed_rank_fails_with_a_clear_error(checkpoints):
-    """SIGKILL on rank 1: the next pass fails within seconds with a DriverError naming the rank, later
-    calls fail the same way, and closing does not hang."""
-    from pie.drivers.tp import build_executor
-
-    executor = build_executor(spec(checkpoints["llama"], 2, tp_timeout_s=30))
-    try:
-        seqs = PagedSeqs(PAGES, PAGE)
-        executor.execute(make_batch([seqs.request(0, list(range(5, 12)))], PAGE))
-        worker = executor.group.workers[0]
-        os.kill(worker.proc.pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        with pytest.raises(DriverError, match=r"tensor-parallel rank 1 \(cpu\) was killed by signal 9"):
-            executor.execute(make_batch([seqs.request(0, [3])], PAGE))
-        assert time.monotonic() - t0 < 20
-        with pytest.raises(DriverError, match="rank 1"):
-            executor.execute(make_batch([seqs.request(0, [4])], PAGE))
-    finally:
-        t0 = time.monotonic()
-        executor.close()
-        assert time.monotonic() - t0 < 20
-
-
 def test_dev_driver_runs_tp2(checkpoints):
     """The dev driver's child is rank 0 of its own group; shutdown leaves no rank behind."""
     from pie.drivers.dev.client import DevDriver
@@ -240,3 +217,26 @@ def test_doctor_reports_the_layout(tmp_path):
     two, four = _tensor_parallel(config)
     assert two.ok and "2 ranks" in two.detail and "rank 1 cpu: weights" in two.detail
     assert not four.ok and "num_attention_heads = 6 is not divisible by tensor_parallel_size 4" in four.detail
+
+
+def test_killed_rank_fails_with_a_clear_error(checkpoints, group):
+    """SIGKILL on rank 1: the next pass fails within seconds with a DriverError naming the rank, later
+    calls fail the same way, and closing does not hang. It ends the shared group: keep it the file's last
+    test (a process joins one group at a time, so no other group can form here while it lives)."""
+    executor = group.build(spec(checkpoints["llama"], 2))
+    executor.owns_group = True  # closing the executor closes the (failed) group
+    try:
+        seqs = PagedSeqs(PAGES, PAGE)
+        executor.execute(make_batch([seqs.request(0, list(range(5, 12)))], PAGE))
+        worker = executor.group.workers[0]
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(DriverError, match=r"tensor-parallel rank 1 \(cpu\) was killed by signal 9"):
+            executor.execute(make_batch([seqs.request(0, [3])], PAGE))
+        assert time.monotonic() - t0 < 20
+        with pytest.raises(DriverError, match="rank 1"):
+            executor.execute(make_batch([seqs.request(0, [4])], PAGE))
+    finally:
+        t0 = time.monotonic()
+        executor.close()
+        assert time.monotonic() - t0 < 20

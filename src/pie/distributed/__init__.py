@@ -7,6 +7,13 @@ they are built (each rank builds only its shard).
 
 Collectives are in-place / static-shaped so CUDA graphs can capture them (NCCL all-reduce and
 all-gather-into-tensor are capturable).
+
+Small all-reduces on CUDA (decode: [batch, hidden], a few KiB) are latency-bound: NCCL's ~10 us each, two
+per layer, would eat much of what splitting the weights saves at batch 1. `prepare_fast_all_reduce` sets up
+a symmetric-memory buffer (torch.distributed._symmetric_memory, peer-to-peer over NVLink, no multicast) and
+all-reduces of at most FAST_MAX_BYTES then run as one-shot kernels (each rank copies its partial sums in,
+reads every peer's and adds them). Larger ones, and every one when the setup fails on any rank or
+PIE_TP_ALLREDUCE=nccl, go through NCCL.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -77,6 +85,7 @@ def init_tp(rank: int, size: int, device: torch.device, init_method: str, timeou
 def destroy_tp() -> None:
     """Leave the group (idempotent; also after abort_tp); collectives become no-ops again."""
     global _STATE
+    _FAST.clear()
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -109,10 +118,57 @@ def _backend_of(group):
         return None
 
 
+FAST_MAX_BYTES = 512 * 1024  # [64, 4096] bf16: decode up to batch 64 of an 8B model
+_FAST: dict[torch.dtype, tuple[torch.Tensor, str]] = {}  # dtype -> (symmetric buffer, group name)
+
+
+def prepare_fast_all_reduce(dtype: torch.dtype) -> bool:
+    """Set up the one-shot symmetric-memory all-reduce for `dtype` (CUDA, size > 1; a collective: every rank
+    calls it, in the same order). True when small all-reduces of `dtype` will use it."""
+    if _STATE.size == 1 or _STATE.device is None or _STATE.device.type != "cuda":
+        return False
+    if os.environ.get("PIE_TP_ALLREDUCE", "auto") == "nccl":
+        return False
+    if dtype in _FAST:
+        return True
+    buf, name, ok = None, _STATE.group.group_name, True
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(FAST_MAX_BYTES // torch.empty((), dtype=dtype).element_size(), dtype=dtype,
+                             device=_STATE.device)  # fmt: skip
+        symm_mem.rendezvous(buf, name)
+        probe = torch.full((64,), float(_STATE.rank + 1), dtype=dtype, device=_STATE.device)
+        buf[:64].copy_(probe)
+        torch.ops.symm_mem.one_shot_all_reduce_out(buf[:64], "sum", name, probe)
+        want = _STATE.size * (_STATE.size + 1) / 2
+        ok = bool((probe.float() == want).all())
+        if not ok:
+            log.warning("symmetric-memory all-reduce gave a wrong sum; using NCCL")
+    except Exception as e:  # no P2P, an old torch, ...: NCCL does every all-reduce
+        log.warning("symmetric-memory all-reduce unavailable (%s: %s); using NCCL", type(e).__name__, e)
+        ok = False
+    if not all(all_gather_object(ok)):  # every rank must take the same path
+        return False
+    _FAST[dtype] = (buf, name)
+    log.info("small %s all-reduces (<= %d KiB) use symmetric memory", dtype, FAST_MAX_BYTES // 1024)
+    return True
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the ranks, in place; returns x (no-op at size 1)."""
-    if _STATE.size > 1:
-        dist.all_reduce(x, group=_STATE.group)
+    if _STATE.size == 1:
+        return x
+    fast = _FAST.get(x.dtype)
+    nbytes = x.numel() * x.element_size()
+    if fast is not None and nbytes <= FAST_MAX_BYTES and nbytes % 16 == 0 and x.is_contiguous():
+        buf, name = fast
+        flat = x.view(-1)
+        slot = buf[: flat.numel()]  # offset 0 of the symmetric buffer: aligned
+        slot.copy_(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", name, flat)
+        return x
+    dist.all_reduce(x, group=_STATE.group)
     return x
 
 

@@ -29,7 +29,7 @@ import torch
 
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
-from pie.distributed import all_gather_object, broadcast_, tp_rank, tp_size
+from pie.distributed import all_gather_object, broadcast_, prepare_fast_all_reduce, tp_rank, tp_size
 from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, kv_layer_groups, page_bytes, plan_num_pages
 from pie.drivers.page_mover import PageMover
@@ -150,6 +150,8 @@ class ModelExecutor:
         else:
             load_weights(model, spec.model_path, progress=progress)
         self.model = model.eval().requires_grad_(False)
+        if self.tp > 1:  # one-shot all-reduces for decode-sized sums (CUDA; every rank, in step)
+            prepare_fast_all_reduce(self.dtype)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         free_after = free_memory_bytes(self.device)
 
