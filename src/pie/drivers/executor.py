@@ -10,6 +10,11 @@ logits of the O output rows (fp32) -> sampling -> one host copy at the end. With
 (FlashInfer attention), pure decode batches replay a captured graph instead of the eager forward
 (pie.drivers.cuda_graphs); the KV cache then has one scratch page beyond the num_pages it reports.
 
+Tensor parallelism (spec.tensor_parallel_size > 1): this executor is one rank's, built inside the group
+pie.drivers.tp set up (pie.distributed): the model holds its shard, the KV cache its KV heads, the page
+count is the smallest any rank can afford (every rank names the same pages); only rank 0 samples, and it
+broadcasts the sampled tokens so the next batch's prev_token_rows feed the same ids on every rank.
+
 Page ops: `page_ops(PageOps)` copies, swaps (host pool of spec.swap_slots pages), reads and writes whole KV
 pages through pie.drivers.page_mover, on the same stream as forward passes.
 """
@@ -24,6 +29,7 @@ import torch
 
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
+from pie.distributed import all_gather_object, broadcast_, prepare_fast_all_reduce, tp_rank, tp_size
 from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, kv_layer_groups, page_bytes, plan_num_pages
 from pie.drivers.page_mover import PageMover
@@ -123,6 +129,15 @@ class ModelExecutor:
             raise DriverError(f"page_size must be >= 1, got {spec.page_size}")
         self.model_config = cfg = read_model_config(spec.model_path)
         model_cls = get_model_class(cfg.model_type)
+        self.tp, self.tp_rank = tp_size(), tp_rank()
+        if self.tp != spec.tensor_parallel_size:
+            raise DriverError(
+                f"tensor_parallel_size {spec.tensor_parallel_size} but this process is in a group of {self.tp}; "
+                "build tensor-parallel executors through pie.drivers.tp.build_executor"
+            )
+        problem = tensor_parallel_problem(cfg, model_cls, self.tp)
+        if problem is not None:
+            raise DriverError(problem)
 
         free_before = free_memory_bytes(self.device)
         # Meta-device construction allocates nothing; to_empty then materializes each parameter once,
@@ -135,14 +150,32 @@ class ModelExecutor:
         else:
             load_weights(model, spec.model_path, progress=progress)
         self.model = model.eval().requires_grad_(False)
+        if self.tp > 1:  # one-shot all-reduces for decode-sized sums (CUDA; every rank, in step)
+            prepare_fast_all_reduce(self.dtype)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         free_after = free_memory_bytes(self.device)
 
-        pbytes = page_bytes(cfg, spec.page_size, self.dtype)
+        pbytes = page_bytes(cfg, spec.page_size, self.dtype, self.tp)
         act_bytes = torch.empty((), dtype=self.dtype).element_size()
-        self.num_pages = plan_num_pages(
-            spec, pbytes, self.weights_bytes, free_before, free_after, model_config=cfg, act_bytes=act_bytes
-        )
+        planned: int | str
+        try:
+            planned = plan_num_pages(
+                spec,
+                pbytes,
+                self.weights_bytes,
+                free_before,
+                free_after,
+                model_config=cfg,
+                act_bytes=act_bytes,
+            )
+        except DriverError as e:
+            planned = str(e)
+        # every rank names the same pages: the smallest count any rank can hold (a rank's error is everyone's)
+        plans = all_gather_object(planned)
+        errors = [f"rank {r}: {p}" if self.tp > 1 else p for r, p in enumerate(plans) if isinstance(p, str)]
+        if errors:
+            raise DriverError("; ".join(errors))
+        self.num_pages = min(plans)
         # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
         # after the num_pages reported in Capabilities (check_batch rejects it).
         scratch_pages = 1 if spec.cuda_graphs and self.device.type == "cuda" else 0
@@ -151,7 +184,7 @@ class ModelExecutor:
         self.kv_cache_groups: list[torch.Tensor] = []
         self.kv_caches: list[torch.Tensor] = [None] * cfg.num_layers  # type: ignore[list-item]
         try:
-            for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg):
+            for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg, self.tp):
                 shape = (len(layer_ids), pages, 2, spec.page_size, kv_heads, head_dim)
                 group = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 self.kv_cache_groups.append(group)
@@ -171,7 +204,7 @@ class ModelExecutor:
         self.page_mover = PageMover(owned, spec.swap_slots, self.device)
         weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
         self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, owned)
-        self.layer_params = [attention_params(layer) for layer in cfg.layers]
+        self.layer_params = [attention_params(layer, self.tp) for layer in cfg.layers]
         first = self.layer_params[0]
         self.backend = create_backend(
             spec.attention_backend,
@@ -194,6 +227,12 @@ class ModelExecutor:
             from pie.drivers.cuda_graphs import flashinfer_graph_runner
 
             self.graphs = flashinfer_graph_runner(self)  # None (logged) unless the backend is FlashInfer
+        kv_bytes = sum(g.numel() * g.element_size() for g in self.kv_cache_groups)
+        # every rank's share, for pie doctor / pie bench (rank, device, weight bytes, KV bytes)
+        self.tp_layout = [
+            {"rank": r, "device": d, "weights_bytes": w, "kv_cache_bytes": k}
+            for r, (d, w, k) in enumerate(all_gather_object((str(self.device), self.weights_bytes, kv_bytes)))
+        ]
         log.info(
             "executor ready: %s on %s, %d KV pages of %d, backend %s",
             cfg.model_type,
@@ -241,6 +280,8 @@ class ModelExecutor:
                 "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),
                 "cuda_graphs": self.graphs is not None,
+                "tensor_parallel_size": self.tp,
+                "tp_layout": self.tp_layout,
             },
         )
 
@@ -296,6 +337,11 @@ class ModelExecutor:
                 logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
                 self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+                return _Pending(None, {"tokens": (torch.zeros(0, dtype=torch.int64), np.int64)}, self.spec)
+            if self.tp_rank > 0:  # rank 0 samples; the others take its tokens for the next batch's feed
+                self._prev_tokens = broadcast_(
+                    torch.empty(batch.num_outputs, dtype=torch.int64, device=self.device)
+                )
                 return _Pending(None, {"tokens": (torch.zeros(0, dtype=torch.int64), np.int64)}, self.spec)
             return self._sample(batch, logits)
 
@@ -374,7 +420,7 @@ class ModelExecutor:
             self._sampling = SamplingParams.from_batch(batch, dev)
             self._sampling_key = key
         out = sample(logits, self._sampling, batch.return_logprobs)
-        self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
+        self._prev_tokens = broadcast_(out.tokens)  # [O] device: the next batch's prev_token_rows read these
         # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
         # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
         host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
@@ -425,6 +471,31 @@ class _Pending:
         if (res.tokens < 0).any():
             raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
         return res
+
+
+def tensor_parallel_problem(cfg, model_cls: type, tp: int) -> str | None:
+    """Why `cfg` cannot be split over tp ranks (None when it can): heads, KV heads, intermediate sizes
+    must divide (KV heads may instead be fewer than tp, dividing it), and the family must be built from
+    the tensor-parallel layers."""
+    if tp == 1:
+        return None
+    if not getattr(model_cls, "supports_tensor_parallel", False):
+        return f"{cfg.model_type} does not support tensor parallelism yet; set tensor_parallel_size = 1"
+    try:
+        for layer in cfg.layers:
+            attention_params(layer, tp)
+    except ValueError as e:
+        return f"{cfg.model_type}: {e}"
+    sizes = {"intermediate_size": cfg.intermediate_size}
+    if cfg.moe is not None:
+        sizes["moe_intermediate_size"] = cfg.moe.expert_intermediate_size
+    for name, n in sizes.items():
+        if n % tp:
+            return (
+                f"{cfg.model_type}: {name} = {n} is not divisible by tensor_parallel_size {tp}; choose a "
+                "tensor_parallel_size that divides it"
+            )
+    return None
 
 
 def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:

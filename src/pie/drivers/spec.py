@@ -25,6 +25,11 @@ class ExecutorSpec:
     max_dist_size: int = 32
     attention_backend: str = "auto"  # auto (flashinfer on CUDA when it imports), flashinfer, torch
     cuda_graphs: bool = False  # capture decode steps in CUDA graphs (cuda_native's fast path)
+    # tensor parallelism: one process per device in `devices` (device is rank 0's); pie.drivers.tp builds
+    # the group, every rank its shard (ModelExecutor reads the rank from pie.distributed)
+    tensor_parallel_size: int = 1
+    devices: list[str] | None = None  # one per rank; None: [device]
+    tp_timeout_s: float = 300.0  # the longest a rank waits in a collective (or to join) before failing
     random_weights: bool = False  # benchmarks: real config, random weights, no safetensors needed
     seed: int = 0
 
