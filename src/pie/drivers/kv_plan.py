@@ -41,10 +41,10 @@ ACTIVATION_FIXED_BYTES = 256 * MiB
 def kv_layer_groups(config: ModelConfig) -> list[tuple[tuple[int, int], list[int]]]:
     """Layers grouped by KV shape: [((Hkv, D), [layer indices])], in order of first layer. Each group is
     one allocation [L_g, num_pages, 2, page_size, Hkv, D]; layers may differ in KV heads and head dim.
-    Shared-KV layers (LayerSpec.kv_source set) own no cache and are in no group."""
+    Shared-KV layers (LayerSpec.kv_source set) and recurrent layers own no cache and are in no group."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, layer in enumerate(config.layers):
-        if layer.kv_source is not None:
+        if not layer.owns_kv:
             continue
         groups.setdefault((layer.num_kv_heads, layer.head_dim), []).append(i)
     return list(groups.items())
@@ -52,12 +52,10 @@ def kv_layer_groups(config: ModelConfig) -> list[tuple[tuple[int, int], list[int
 
 def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one page across all layers: sum over layers of 2 (K, V) * page_size * Hkv_l * D_l * elem
-    (shared-KV layers, which read another layer's cache, add nothing)."""
+    (shared-KV layers, which read another layer's cache, and recurrent layers add nothing)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return sum(
-        2 * page_size * layer.num_kv_heads * layer.head_dim * elem
-        for layer in config.layers
-        if layer.kv_source is None
+        2 * page_size * layer.num_kv_heads * layer.head_dim * elem for layer in config.layers if layer.owns_kv
     )
 
 
