@@ -239,3 +239,49 @@ def test_what_recurrent_layers_cannot_honour_fails_clearly(q35):
         return got
 
     assert run(main()) == hf_model_greedy(q35, PROMPTS[1], 4)
+
+
+def test_pie_run_in_process_and_through_the_dev_driver(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`pie run` on the multimodal wrapper checkpoint, in process and through the dev driver's subprocess:
+    the same text, equal to transformers' greedy continuation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_parity_hf import hf_model
+
+    from pie.cli.main import main
+    from pie.models.tokenizer import Tokenizer
+
+    monkeypatch.setenv("PIE_HOME", str(tmp_path / "pie-home"))
+    model = tiny_checkpoint("qwen3_5")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[[model]]\nname = "q35"\nhf_repo = "{model}"\n[model.driver]\ntype = "dev"\ndevice = ["cpu"]\n'
+        'activation_dtype = "float32"\n[model.driver.options]\nkv_page_size = 4\nmax_batch_tokens = 8\n'
+    )
+    prompt = "The quick brown fox jumps over the lazy dog. A programmable"
+    args = ["raw-completion", "--", "--prompt", prompt, "--max-tokens", "8", "--ignore-eos", "true"]
+    assert main(["run", "-c", str(cfg), "--in-process", *args]) == 0
+    in_process = capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(
+        [sys.executable, "-m", "pie", "run", "-c", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == in_process and "dev driver" in r.stderr
+    tok = Tokenizer.from_dir(model)
+    ids = tok.encode(prompt)
+    import torch
+
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        ref = hf_model(model).generate(
+            t, attention_mask=torch.ones_like(t), max_new_tokens=8, min_new_tokens=8, do_sample=False
+        )
+    assert in_process.rstrip("\n") == tok.decode(ref[0, len(ids) :].tolist())
