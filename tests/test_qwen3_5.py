@@ -221,3 +221,48 @@ def test_logits_of_one_request_split_over_passes(tiny_checkpoint):
         batch = make_batch([seqs.request(0, prompt[lo:hi])], 4)
         rows += split_rows(ex.execute(batch), batch)
     assert_close(np.concatenate(rows), hf_logits(path, prompt))
+
+
+def test_decode_graph_runner_without_capture_equals_eager(tiny_checkpoint):
+    """The CUDA-graph decode path (static slot and fresh-flag buffers, padding rows on a scratch slot), run
+    with capture off on CPU, gives the eager executor's logits; a sequence whose first pass is one token
+    (fresh state) rides in a decode batch."""
+    from pie.attention.torch_backend import TorchBackend
+    from pie.drivers.cuda_graphs import DecodeGraphRunner
+    from pie.drivers.executor import ModelExecutor
+    from pie.drivers.spec import ExecutorSpec
+    from pie.drivers.state_pool import StatePool
+
+    path, ps, N, cpu = tiny_checkpoint("qwen3_5_text"), 4, 128, torch.device("cpu")
+
+    def make():
+        return ModelExecutor(
+            ExecutorSpec(model_path=str(path), page_size=ps, num_pages=N + 1, attention_backend="torch")
+        )
+
+    eager, graphed = make(), make()
+    cfg = graphed.model_config
+    graphed.state_pool = pool = StatePool(cfg, 16, torch.float32, cpu, scratch=1)
+    graphed.graphs = runner = DecodeGraphRunner(
+        graphed.model,
+        graphed.kv_caches,
+        lambda B, P: TorchBackend(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, ps, torch.float32, cpu),
+        page_size=ps, scratch_page=N, max_batch_size=16, max_position=cfg.max_position_embeddings,
+        device=cpu, capture=False, state_pool=pool,
+    )  # fmt: skip
+    pool.delta[pool.scratch_slot] = 7.0  # a sentinel: only padding rows may touch the scratch slot
+    seqs = PagedSeqs(N, ps, seed=4)
+    prompts = _prompts(400, seed=2, lengths=(3, 9, 20))
+    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], ps)
+    want, got = eager.execute(batch), graphed.execute(batch)
+    assert runner.stats.replays == 0
+    last = {i: int(t[-1]) for i, t in enumerate(np.split(want.tokens, batch.qo_indptr[1:-1]))}
+    last[9] = 17  # sequence 9 starts with a one-token pass inside a decode batch
+    for step, sids in enumerate([[0], [0, 1, 2], [0, 1, 2, 9], [1, 9], [0, 1, 2, 9]]):
+        batch = make_batch([seqs.request(s, [last[s]]) for s in sids], ps)
+        want, got = eager.execute(batch), graphed.execute(batch)
+        assert runner.stats.replays == step + 1
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=0)
+        last.update({s: int(t) for s, t in zip(sids, want.tokens, strict=True)})
+    assert sorted(runner.stats.captured) == [1, 2, 4] and not (pool.delta[pool.scratch_slot] == 7.0).all()
+    np.testing.assert_allclose(pool.delta[:16].numpy(), eager.state_pool.delta[:16].numpy(), atol=1e-5)

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from runtime_checks import assert_all_free
+from test_parity_hf import hf_model
 from test_qwen3_5 import hf_model_greedy
 
+from pie.cli.main import main
+from pie.drivers.inprocess import InProcessDriver
 from pie.drivers.protocol import BatchError
+from pie.drivers.spec import ExecutorSpec
 from pie.errors import PieError
+from pie.models.tokenizer import Tokenizer
 from pie.runtime.engine import Engine
 from pie.sdk import Context, Model, Sampler
 
@@ -32,10 +42,6 @@ def q35(tiny_checkpoint):
 
 
 async def engine(path, snapshot_dir=None, **spec) -> Engine:
-    from pie.drivers.inprocess import InProcessDriver
-    from pie.drivers.spec import ExecutorSpec
-    from pie.models.tokenizer import Tokenizer
-
     spec = {"num_pages": 128, "page_size": 4, "max_batch_tokens": 16, "attention_backend": "torch", **spec}
     d = InProcessDriver(ExecutorSpec(model_path=str(path), device="cpu", activation_dtype="float32", **spec))
     e = Engine.from_drivers({"q35": (d, Tokenizer.from_dir(path))}, snapshot_dir=snapshot_dir)
@@ -244,16 +250,6 @@ def test_what_recurrent_layers_cannot_honour_fails_clearly(q35):
 def test_pie_run_in_process_and_through_the_dev_driver(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """`pie run` on the multimodal wrapper checkpoint, in process and through the dev driver's subprocess:
     the same text, equal to transformers' greedy continuation."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from test_parity_hf import hf_model
-
-    from pie.cli.main import main
-    from pie.models.tokenizer import Tokenizer
-
     monkeypatch.setenv("PIE_HOME", str(tmp_path / "pie-home"))
     model = tiny_checkpoint("qwen3_5")
     cfg = tmp_path / "config.toml"
@@ -277,8 +273,6 @@ def test_pie_run_in_process_and_through_the_dev_driver(tiny_checkpoint, tmp_path
     assert r.stdout == in_process and "dev driver" in r.stderr
     tok = Tokenizer.from_dir(model)
     ids = tok.encode(prompt)
-    import torch
-
     with torch.no_grad():
         t = torch.tensor([ids])
         ref = hf_model(model).generate(

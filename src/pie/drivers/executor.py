@@ -16,7 +16,7 @@ pages through pie.drivers.page_mover, on the same stream as forward passes.
 Hybrid models (recurrent layers: Qwen 3.5's Gated DeltaNet) also own a recurrent-state pool
 (pie.drivers.state_pool) of spec.state_slots slots; batches name each request's slot (state_slots), the
 layers update them in place, and PageOps copy, read and write whole slots. CUDA graphs are off for them
-(the decode graph does not capture the state gather/scatter yet).
+(their decode graphs gather and scatter the state slots too; padding rows use a scratch slot).
 """
 
 from __future__ import annotations
@@ -145,9 +145,10 @@ class ModelExecutor:
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         # allocated before the KV plan reads free memory, so the pages are planned around it
         self.state_pool: StatePool | None = None
+        graphs = spec.cuda_graphs and self.device.type == "cuda"
         if cfg.recurrent_layers:
             slots = spec.state_slots or min(spec.max_batch_size, DEFAULT_SLOTS)
-            self.state_pool = StatePool(cfg, slots, self.dtype, self.device)
+            self.state_pool = StatePool(cfg, slots, self.dtype, self.device, scratch=1 if graphs else 0)
         free_after = free_memory_bytes(self.device)
 
         pbytes = page_bytes(cfg, spec.page_size, self.dtype)
@@ -157,9 +158,7 @@ class ModelExecutor:
         )
         # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
         # after the num_pages reported in Capabilities (check_batch rejects it).
-        scratch_pages = (
-            1 if spec.cuda_graphs and self.device.type == "cuda" and self.state_pool is None else 0
-        )
+        scratch_pages = 1 if graphs else 0
         pages = self.num_pages + scratch_pages
         # One allocation per layer group of equal KV shape; kv_caches[l] is layer l's view into its group.
         self.kv_cache_groups: list[torch.Tensor] = []

@@ -35,28 +35,33 @@ def state_slot_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 class StatePool:
-    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    """num_slots slots the runtime may name, plus `scratch` more that no batch can name (CUDA graphs pad
+    decode batches with rows that read and write scratch_slot)."""
+
+    def __init__(
+        self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device, scratch: int = 0
+    ) -> None:
         g = cfg.gated_deltanet
         assert g is not None
         if num_slots < 1:
             raise DriverError(f"state_slots must be >= 1 for a model with recurrent layers, got {num_slots}")
         Lr = len(cfg.recurrent_layers)
         self.num_slots = num_slots
+        self.scratch_slot = num_slots if scratch else None
+        S = num_slots + scratch
         try:
-            self.conv = torch.zeros(
-                (num_slots, Lr, g.conv_dim, g.conv_kernel - 1), dtype=dtype, device=device
-            )
+            self.conv = torch.zeros((S, Lr, g.conv_dim, g.conv_kernel - 1), dtype=dtype, device=device)
             self.delta = torch.zeros(
-                (num_slots, Lr, g.num_v_heads, g.head_k_dim, g.head_v_dim), dtype=torch.float32, device=device
+                (S, Lr, g.num_v_heads, g.head_k_dim, g.head_v_dim), dtype=torch.float32, device=device
             )
         except torch.OutOfMemoryError:
-            need = num_slots * state_slot_bytes(cfg, dtype)
+            need = S * state_slot_bytes(cfg, dtype)
             raise DriverError(
                 f"out of memory allocating {num_slots} recurrent-state slots ({need / GiB:.2f} GiB); "
                 "lower state_slots"
             ) from None
-        self._conv_rows = self.conv.view(num_slots, -1).view(torch.uint8)  # [S, conv bytes]
-        self._delta_rows = self.delta.view(num_slots, -1).view(torch.uint8)  # [S, delta bytes]
+        self._conv_rows = self.conv.view(S, -1).view(torch.uint8)  # [S, conv bytes]
+        self._delta_rows = self.delta.view(S, -1).view(torch.uint8)  # [S, delta bytes]
         self.slot_nbytes = self._conv_rows.shape[1] + self._delta_rows.shape[1]
 
     @property

@@ -36,8 +36,8 @@ class RecurrentBatch:
 
     conv_states: [S, Lr, conv_dim, K - 1] (activation dtype), delta_states: [S, Lr, Hv, dk, dv] fp32: the
     whole pool, slot-major (a slot's state is contiguous); layer i of the Lr recurrent layers reads [:, i].
-    slots: [R] int64 (device) each request's slot; fresh: [R] bool (device) the request starts at slot 0 of
-    its KV, so its state starts from zero. qo_indptr / fresh_host: the same on the host, for the prefill loop.
+    slots: [R] int64 (device) each request's slot; fresh: [R] bool or 0/1 integers (device) the request
+    starts at slot 0 of its KV, so its state starts from zero (CUDA graphs stage both as int64 rows). qo_indptr / fresh_host: the same on the host, for the prefill loop.
     """
 
     conv_states: torch.Tensor
@@ -184,7 +184,7 @@ class GatedDeltaNet(nn.Module):
 
     def _decode(self, mixed, g, beta, rb: RecurrentBatch, conv_pool, delta_pool):
         """One token per request (R == T): the conv window and the delta state, gathered, stepped, scattered."""
-        keep = (~rb.fresh)[:, None, None]
+        keep = rb.fresh.logical_not()[:, None, None]
         conv = conv_pool.index_select(0, rb.slots) * keep.to(conv_pool.dtype)  # [R, C, K-1]
         window = torch.cat([conv, mixed.to(conv.dtype).unsqueeze(-1)], dim=-1)  # [R, C, K]
         w = self.conv1d.weight[:, 0, :]  # [C, K]
