@@ -266,3 +266,18 @@ def test_decode_graph_runner_without_capture_equals_eager(tiny_checkpoint):
         last.update({s: int(t) for s, t in zip(sids, want.tokens, strict=True)})
     assert sorted(runner.stats.captured) == [1, 2, 4] and not (pool.delta[pool.scratch_slot] == 7.0).all()
     np.testing.assert_allclose(pool.delta[:16].numpy(), eager.state_pool.delta[:16].numpy(), atol=1e-5)
+
+
+def test_bench_config_and_floors_of_the_real_shape():
+    """The bundled Qwen3.5-0.8B text config: pie's normalization, transformers' parameter count (752,393,024,
+    measured on the meta device) from the floors' formula, attention-only KV and the state traffic."""
+    from pie.bench import load_model_config
+    from pie.bench.floors import kv_bytes_per_token, param_counts, recurrent_state_bytes
+    from pie.models.config import ModelConfig
+
+    cfg, _ = load_model_config("qwen3.5-0.8b")
+    mc = ModelConfig.from_hf(cfg)
+    assert len(mc.recurrent_layers) == 18 and mc.rope.rotary_dim(mc.head_dim) == 64
+    assert param_counts(cfg).total == 752_393_024
+    assert kv_bytes_per_token(cfg) == 2 * 6 * 2 * 256 * 2  # 6 attention layers, 2 KV heads of 256, bf16
+    assert recurrent_state_bytes(cfg) == 18 * (6144 * 3 * 2 + 16 * 128 * 128 * 4)
