@@ -281,3 +281,22 @@ def test_bench_config_and_floors_of_the_real_shape():
     assert param_counts(cfg).total == 752_393_024
     assert kv_bytes_per_token(cfg) == 2 * 6 * 2 * 256 * 2  # 6 attention layers, 2 KV heads of 256, bf16
     assert recurrent_state_bytes(cfg) == 18 * (6144 * 3 * 2 + 16 * 128 * 128 * 4)
+
+
+def test_state_ops_and_slots_cross_the_dev_wire():
+    """The dev driver's channel carries state slots, state ops and state bytes (to_wire / from_wire)."""
+    from pie.drivers.protocol import ForwardBatch, PageOpsResult
+
+    ops = PageOps(
+        state_copy=np.array([[0, 3]], np.int32),
+        state_write=np.array([5], np.int32),
+        state_read=np.array([3, 5], np.int32),
+        state_write_data=np.arange(8, dtype=np.uint8).reshape(1, 8),
+    )
+    back = PageOps.from_wire(ops.to_wire())
+    for name in ("state_copy", "state_write", "state_read", "state_write_data"):
+        assert np.array_equal(getattr(back, name), getattr(ops, name))
+    res = PageOpsResult.from_wire(PageOpsResult(state_data=np.ones((2, 8), np.uint8)).to_wire())
+    assert res.data is None and res.state_data.shape == (2, 8)
+    batch = make_batch([PagedSeqs(8, 4).request(6, [1, 2])], 4)
+    assert ForwardBatch.from_wire(batch.to_wire()).state_slots.tolist() == [6]
