@@ -153,8 +153,11 @@ class ModelExecutor:
 
         pbytes = page_bytes(cfg, spec.page_size, self.dtype)
         act_bytes = torch.empty((), dtype=self.dtype).element_size()
+        # the state pool is memory the pages cannot have, like the weights (policies that plan from the
+        # free memory before loading subtract it; those that measure after loading already see it gone)
+        resident = self.weights_bytes + (0 if self.state_pool is None else self.state_pool.nbytes)
         self.num_pages = plan_num_pages(
-            spec, pbytes, self.weights_bytes, free_before, free_after, model_config=cfg, act_bytes=act_bytes
+            spec, pbytes, resident, free_before, free_after, model_config=cfg, act_bytes=act_bytes
         )
         # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
         # after the num_pages reported in Capabilities (check_batch rejects it).
