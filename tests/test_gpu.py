@@ -177,7 +177,8 @@ class Seqs:
         while len(pages) * self.ps < new:
             pages.append(self.free.pop())
         self.lens[sid] = new
-        req = dict(token_ids=list(map(int, ids)), positions=list(range(old, new)) if positions is None else positions,
+        req = dict(state_slot=sid,  # hybrid models' recurrent-state slot (ignored by the others)
+                   token_ids=list(map(int, ids)), positions=list(range(old, new)) if positions is None else positions,
                    pages=list(pages), last_page_len=new - (len(pages) - 1) * self.ps, outputs=list(range(len(ids))),
                    return_logits=True)  # fmt: skip
         if mask is not None:

@@ -39,6 +39,7 @@ class PagedSeqs:
             pages.append(self.free.pop())
         self.lens[sid] = new
         req = dict(
+            state_slot=sid,  # hybrid models' recurrent-state slot (ignored by the others)
             token_ids=[int(t) for t in token_ids],
             positions=list(range(old, new)) if positions is None else [int(p) for p in positions],
             pages=list(pages),

@@ -111,6 +111,7 @@ def _batch(
         seed=np.full(R, -1, np.int64),
         dist_k=np.zeros(R, np.int32),
         return_logits=np.zeros(R, bool),
+        state_slots=np.arange(R, dtype=np.int32),  # hybrid models: sequence r's recurrent-state slot
     )
 
 
@@ -189,6 +190,7 @@ def fill_context(executor, batch: int, opts: BenchOptions, vocab: int, rng) -> N
         n = min(per_pass, batch - first)
         b = prefill_batch(np.full(n, opts.context), pps, opts.page_size, vocab, rng)
         b.kv_page_indices = b.kv_page_indices + np.int32(first * pps)  # shift to sequences first..first+n-1
+        b.state_slots = b.state_slots + np.int32(first)
         executor.execute(b)
 
 
@@ -294,6 +296,7 @@ def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
             opts.chunk_tokens, opts.prefill_requests * opts.prefill_len, max(opts.batch_sizes)
         ),
         max_batch_size=max(max(opts.batch_sizes), opts.prefill_requests),
+        state_slots=max(max(opts.batch_sizes), opts.prefill_requests),  # hybrid models: one per sequence
         attention_backend=opts.attention_backend,
         cuda_graphs=opts.cuda_graphs,
         random_weights=random_weights,

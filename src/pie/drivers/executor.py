@@ -17,6 +17,11 @@ broadcasts the sampled tokens so the next batch's prev_token_rows feed the same 
 
 Page ops: `page_ops(PageOps)` copies, swaps (host pool of spec.swap_slots pages), reads and writes whole KV
 pages through pie.drivers.page_mover, on the same stream as forward passes.
+
+Hybrid models (recurrent layers: Qwen 3.5's Gated DeltaNet) also own a recurrent-state pool
+(pie.drivers.state_pool) of spec.state_slots slots; batches name each request's slot (state_slots), the
+layers update them in place, and PageOps copy, read and write whole slots. CUDA graphs are off for them
+(their decode graphs gather and scatter the state slots too; padding rows use a scratch slot).
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ from pie.drivers.protocol import (
 )
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
+from pie.drivers.state_pool import DEFAULT_SLOTS, StatePool
 from pie.errors import DriverError
 from pie.layers.attention import ForwardContext, attention_params
+from pie.layers.gated_deltanet import RecurrentBatch
 from pie.layers.norm import RMSNorm
 from pie.models.config import read_model_config
 from pie.models.registry import get_model_class
@@ -153,16 +160,25 @@ class ModelExecutor:
         if self.tp > 1:  # one-shot all-reduces for decode-sized sums (CUDA; every rank, in step)
             prepare_fast_all_reduce(self.dtype)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # allocated before the KV plan reads free memory, so the pages are planned around it
+        self.state_pool: StatePool | None = None
+        graphs = spec.cuda_graphs and self.device.type == "cuda"
+        if cfg.recurrent_layers:
+            slots = spec.state_slots or min(spec.max_batch_size, DEFAULT_SLOTS)
+            self.state_pool = StatePool(cfg, slots, self.dtype, self.device, scratch=1 if graphs else 0)
         free_after = free_memory_bytes(self.device)
 
         pbytes = page_bytes(cfg, spec.page_size, self.dtype, self.tp)
         act_bytes = torch.empty((), dtype=self.dtype).element_size()
         planned: int | str
         try:
+            # the state pool is memory the pages cannot have, like the weights (policies that plan from the
+            # free memory before loading subtract it; those that measure after loading already see it gone)
+            resident = self.weights_bytes + (0 if self.state_pool is None else self.state_pool.nbytes)
             planned = plan_num_pages(
                 spec,
                 pbytes,
-                self.weights_bytes,
+                resident,
                 free_before,
                 free_after,
                 model_config=cfg,
@@ -178,7 +194,7 @@ class ModelExecutor:
         self.num_pages = min(plans)
         # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
         # after the num_pages reported in Capabilities (check_batch rejects it).
-        scratch_pages = 1 if spec.cuda_graphs and self.device.type == "cuda" else 0
+        scratch_pages = 1 if graphs else 0
         pages = self.num_pages + scratch_pages
         # One allocation per layer group of equal KV shape; kv_caches[l] is layer l's view into its group.
         self.kv_cache_groups: list[torch.Tensor] = []
@@ -200,7 +216,7 @@ class ModelExecutor:
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
         # page moves and the fingerprint see each cache once (an aliased shared-KV layer adds no bytes)
-        owned = [kv for kv, layer in zip(self.kv_caches, cfg.layers, strict=True) if layer.kv_source is None]
+        owned = [kv for kv, layer in zip(self.kv_caches, cfg.layers, strict=True) if layer.owns_kv]
         self.page_mover = PageMover(owned, spec.swap_slots, self.device)
         weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
         self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, owned)
@@ -267,6 +283,8 @@ class ModelExecutor:
             num_swap_slots=self.page_mover.num_swap_slots,
             page_nbytes=self.page_mover.page_nbytes,
             kv_fingerprint=self.kv_fingerprint,
+            num_state_slots=0 if self.state_pool is None else self.state_pool.num_slots,
+            state_nbytes=0 if self.state_pool is None else self.state_pool.slot_nbytes,
             extra={
                 "attention_backend": self.backend.name,
                 "max_position_embeddings": cfg.max_position_embeddings,
@@ -302,6 +320,8 @@ class ModelExecutor:
             raise BatchError(f"positions must be in 0..{max_pos - 1} (the model's max_position_embeddings)")
         if batch.num_outputs and batch.dist_k.max() > spec.max_dist_size:
             raise BatchError(f"dist_k exceeds max_dist_size {spec.max_dist_size}")
+        if self.state_pool is not None:
+            self._check_recurrent(batch)
         if batch.mask is not None:
             # every mask row must allow at least one slot (an empty softmax is NaN)
             kv_lens = batch.kv_lens(spec.page_size).astype(np.int64)
@@ -312,6 +332,29 @@ class ModelExecutor:
             empty = ~np.logical_or.reduceat(batch.mask, starts)
             if empty.any():
                 raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
+
+    def _check_recurrent(self, batch: ForwardBatch) -> None:
+        """What a hybrid model's recurrent layers need of a batch (see protocol's module docstring)."""
+        arch = self.model_config.model_type
+        if batch.state_slots is None:
+            raise BatchError(f"{arch} has recurrent layers: the batch must name each request's state_slots")
+        n = self.state_pool.num_slots  # type: ignore[union-attr]
+        if batch.state_slots.min() < 0 or batch.state_slots.max() >= n:
+            raise BatchError(f"state_slots out of range 0..{n - 1}")
+        if len(np.unique(batch.state_slots)) != batch.num_requests:
+            raise BatchError("two requests of one batch name the same state slot")
+        if batch.mask is not None:
+            raise BatchError(
+                f"{arch} has recurrent (Gated DeltaNet) layers, which see every earlier token in order: custom "
+                "attention masks cannot be honoured; use causal attention"
+            )
+        steps = np.diff(batch.positions)
+        steps[batch.qo_indptr[1:-1] - 1] = 1  # a step between two requests is no step
+        if batch.num_tokens > 1 and np.any(steps != 1):
+            raise BatchError(
+                f"{arch} has recurrent layers: a request's positions must be consecutive (each token one "
+                "position after the previous)"
+            )
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         """One forward pass, waited for (see launch)."""
@@ -384,10 +427,18 @@ class ModelExecutor:
 
         Serialized with `execute` by the caller (one thread), and enqueued on the same stream, so a forward
         pass after it sees the moved pages."""
-        mover = self.page_mover
-        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes)
+        mover, pool = self.page_mover, self.state_pool
+        n_state, state_nbytes = (0, 0) if pool is None else (pool.num_slots, pool.slot_nbytes)
+        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes, n_state, state_nbytes)
         with torch.inference_mode():
-            return mover.apply(ops)
+            result = mover.apply(ops)
+            if pool is not None and ops.has_state_ops:
+                pool.copy(ops.state_copy)
+                if len(ops.state_write):
+                    pool.write(ops.state_write, ops.state_write_data)
+                if len(ops.state_read):
+                    result.state_data = pool.read(ops.state_read)
+            return result
 
     def _forward_eager(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
@@ -400,6 +451,8 @@ class ModelExecutor:
             self._planned = torch.cuda.Event()
             self._planned.record()
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
+        if self.state_pool is not None:
+            ctx.recurrent = self._recurrent_batch(batch, meta)
         input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
         if feed is not None:
             feed(input_ids)
@@ -409,6 +462,20 @@ class ModelExecutor:
             return None
         rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [O, V] fp32
+
+    def _recurrent_batch(self, batch: ForwardBatch, meta: AttentionMetadata) -> RecurrentBatch:
+        pool, dev = self.state_pool, self.device
+        assert pool is not None and batch.state_slots is not None
+        fresh = (meta.kv_lens_host - batch.qo_lens()) == 0  # the first new token is at KV slot 0
+        return RecurrentBatch(
+            conv_states=pool.conv,
+            delta_states=pool.delta,
+            slots=torch.from_numpy(batch.state_slots.astype(np.int64)).to(dev, non_blocking=True),
+            fresh=torch.from_numpy(fresh).to(dev, non_blocking=True),
+            qo_indptr=batch.qo_indptr.tolist(),
+            fresh_host=fresh.tolist(),
+            is_decode=batch.num_tokens == batch.num_requests,
+        )
 
     def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> Callable[[], ForwardResult]:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""

@@ -20,6 +20,9 @@ class ExecutorSpec:
     max_num_kv_pages: int | None = None
     num_pages: int | None = None  # explicit page count (tests); overrides planning
     swap_slots: int = 0  # pages of host memory for PageOps swap_out / swap_in (0: no swap pool)
+    # recurrent-state slots of hybrid models (Qwen 3.5): one per live sequence or in-memory snapshot;
+    # 0: min(max_batch_size, 128). Ignored by models without recurrent layers.
+    state_slots: int = 0
     max_batch_tokens: int = 10240
     max_batch_size: int = 512
     max_dist_size: int = 32

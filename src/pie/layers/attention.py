@@ -9,6 +9,7 @@ AttentionParams (scale, sliding window, soft-cap, sinks; causal over slots or th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from pie.layers.parallel import (
 from pie.layers.rotary import RotaryEmbedding, llama4_query_scale
 from pie.models.config import LayerSpec
 
+if TYPE_CHECKING:
+    from pie.layers.gated_deltanet import RecurrentBatch
+
 QK_NORMS = ("none", "head", "proj")
 
 
@@ -36,12 +40,14 @@ class ForwardContext:
     """Everything a forward pass needs besides token ids and positions; built once per batch.
 
     kv_caches[layer]: [num_pages, 2, page_size, Hkv_l, D_l] (views into one allocation per layer group).
-    The backend has already been planned with `meta`.
+    The backend has already been planned with `meta`. recurrent: the state-pool view of the batch for
+    models with recurrent layers (Qwen 3.5's Gated DeltaNet), else None.
     """
 
     meta: AttentionMetadata
     backend: AttentionBackend
     kv_caches: list[torch.Tensor]
+    recurrent: RecurrentBatch | None = None
 
 
 def attention_params(spec: LayerSpec, tp: int = 1) -> AttentionParams:

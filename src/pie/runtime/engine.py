@@ -134,7 +134,11 @@ class Engine:
             )
         allocator = PageAllocator(caps.num_pages, hint)
         kv = KVCache(
-            allocator, caps.page_size, getattr(caps, "num_swap_slots", 0), caps.extra.get("kv_window") or None
+            allocator,
+            caps.page_size,
+            getattr(caps, "num_swap_slots", 0),
+            caps.extra.get("kv_window") or None,
+            num_state_slots=getattr(caps, "num_state_slots", 0),
         )
         scheduler = Scheduler(driver, caps, kv, hint)
         fingerprint = (

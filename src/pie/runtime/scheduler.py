@@ -13,6 +13,10 @@ Each step:
   4. Each chunk pins the pages it reads and writes until its batch ends; page movements the step needs
      (copies, swaps) are sent to the driver just before the batch, in order.
 
+Hybrid models (recurrent layers): a sequence needs a recurrent-state slot to run; when none is free, an
+idle sequence's slot is taken (it is dropped, to be recomputed), chosen like a preemption victim; a
+sequence whose state fell out of step with its KV (a failed or cancelled pass) is recomputed from token 0.
+
 Generations (work.Generation) step inside this loop: their sampled token is fed back on the device, so
 while a batch of only generation steps runs, the next one is built and queued behind it (two batches
 in flight); the inferlet is woken only when it wants tokens. A batch whose driver call raises fails
@@ -112,6 +116,8 @@ class Scheduler:
             self.caps.vocab_size, self.caps.max_dist_size, self.caps.max_batch_tokens, self.max_position
         )
         self._check_fits(w.seq.num_tokens + w.num_tokens)
+        if self.kv.recurrent:
+            self._check_recurrent(w)
         fut = asyncio.get_running_loop().create_future()
         w.enter(fut)
         fut.add_done_callback(lambda f, w=w: self._on_done(w, f))
@@ -146,6 +152,23 @@ class Scheduler:
             raise DriverError("this context was released")
         if seq.work is not None:
             raise BatchError("a pass or generation is already running on this context; await it first")
+
+    def _check_recurrent(self, w: Work) -> None:
+        """What a hybrid model's recurrent layers cannot honour, refused where the pass enters."""
+        arch = self.caps.architecture
+        if w.mask is not None:
+            raise BatchError(
+                f"{arch} has recurrent (Gated DeltaNet) layers, which see every earlier token in order: a "
+                "custom attention mask cannot be honoured; run the pass without one"
+            )
+        seq, pos = w.seq, w.positions
+        start = seq.positions[-1] + 1 if seq.positions else int(pos[0])
+        if int(pos[0]) != start or (len(pos) > 1 and np.any(np.diff(pos) != 1)):
+            raise BatchError(
+                f"{arch} has recurrent layers, which see tokens in order whatever their positions: positions "
+                f"must be consecutive, continuing the context (expected {start}, {start + 1}, ...; got "
+                f"{', '.join(map(str, pos[:4].tolist()))}{', ...' if len(pos) > 4 else ''})"
+            )
 
     def _check_fits(self, num_tokens: int) -> None:
         need = -(-num_tokens // self.kv.ps)
@@ -291,7 +314,7 @@ class Scheduler:
             g.steps += 1
             if seq.causal_len >= nt:
                 seq.causal_len = nt + 1
-            seq.kv_len = nt + 1
+            seq.kv_len = seq.state_len = nt + 1
             in_plan.add(seq.id)
             # launch bookkeeping here (rows 0..n-1 of the batch are these steps, in this order)
             seq.inflight += 1
@@ -337,6 +360,8 @@ class Scheduler:
             return None
         seq = w.seq
         g: Generation | None = w if w.is_generation else None  # type: ignore[assignment]
+        if self.kv.recurrent and not self._state_slot(seq, in_plan, may_preempt):
+            return None
         if seq.state == SWAPPED:
             need = self.kv.resume_cost(seq)
             if not self._make_room(need, seq, in_plan, may_preempt) or not self.kv.ensure_resident(seq):
@@ -385,10 +410,41 @@ class Scheduler:
             out, samp = w.out_slots[a:b], w.sorted_samplers[a:b]
         if seq.causal_len >= lo and (w.mask is None or hi <= w.base):
             seq.causal_len = max(seq.causal_len, hi)
-        seq.kv_len = hi
+        seq.kv_len = seq.state_len = hi
         w.started = True
         in_plan.add(seq.id)
         return Chunk(w, lo, hi, out, samp, -1, out is None)
+
+    def _state_slot(self, seq: Sequence, in_plan: set[int], may_preempt: bool) -> bool:
+        """Hybrid models: seq holds a state slot matching its KV (recomputed from token 0 when its state
+        fell out of step); False when no slot can be had now."""
+        kv = self.kv
+        if seq.kv_len and not kv.has_state(seq):  # a failed or cancelled pass moved the state or the KV
+            if seq.inflight:
+                return False
+            kv.drop(seq)
+            kv.stats.preemptions -= 1  # a recompute, not a preemption
+            seq.state = RESIDENT
+        while not kv.take_state_slot(seq):
+            victim = self._state_victim(seq, in_plan, only_idle=not may_preempt)
+            if victim is None:
+                return False
+            kv.drop(victim)  # its slot (and pages) go; its next pass recomputes it
+        return True
+
+    def _state_victim(self, seq: Sequence, in_plan: set[int], only_idle: bool) -> Sequence | None:
+        """A sequence holding a state slot that may give it up: idle first, then the lowest priority,
+        then the most recently started work (as _victim)."""
+        best, best_key = None, None
+        for s in self.seqs.values():
+            if s is seq or s.state_slot < 0 or s.id in in_plan or s.inflight or s.closed:
+                continue
+            if only_idle and s.work is not None:
+                continue
+            key = (s.work is None, -s.priority, s.work.arrival if s.work is not None else -1)
+            if best_key is None or key > best_key:
+                best, best_key = s, key
+        return best
 
     def _cow(self, seq: Sequence, slot: int, in_plan: set[int], may_preempt: bool) -> bool:
         """Copy-on-write: slot's page is shared (a fork's, a snapshot's, the prefix cache's); give seq its
@@ -482,7 +538,7 @@ class Scheduler:
                 decoded += c.hi - c.lo == 1
             else:
                 row += c.out_slots.shape[0]
-        batch = build_batch(chunks, self.kv.ps, fed)
+        batch = build_batch(chunks, self.kv.ps, fed, recurrent=self.kv.recurrent)
         # every page a chunk reads or writes stays pinned until the batch ends
         pinned = batch.kv_page_indices
         self.kv.alloc.pin(pinned)
