@@ -422,7 +422,9 @@ class ModelExecutor:
             self._sampling = SamplingParams.from_batch(batch, dev)
             self._sampling_key = key
         out = sample(logits, self._sampling, batch.return_logprobs)
-        self._prev_tokens = broadcast_(out.tokens)  # [O] device: the next batch's prev_token_rows read these
+        self._prev_tokens = broadcast_(
+            out.tokens.contiguous()
+        )  # [O] device: the next batch's prev_token_rows read these
         # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
         # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
         host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
