@@ -3,8 +3,8 @@ against tp 1 on tiny checkpoints with FlashInfer-sized heads. Marked gpu: skippe
 or with fewer GPUs than ranks.
 
 Per family: prefill 3 sequences (5, 17, 33 tokens), then 8 decode steps (graph replays, whose captured
-forward holds the NCCL all-reduces and the logits all-gather) fed with tp 1's greedy tokens, so both runs see
-the same inputs. Bar: cosine >= 0.999 for every logit row against tp 1, and the graphs really replayed.
+forward holds the all-reduces and the logits all-gather; gpt_oss decodes eagerly, as its sinks turn graphs
+off) fed with tp 1's greedy tokens, so both runs see the same inputs. Bar: cosine >= 0.999 for every logit row against tp 1, and the graphs really replayed.
 The tp 1 references are computed before the group forms (a process in a group builds shards).
 """
 
@@ -28,6 +28,7 @@ SHAPE = dict(
 )
 ARCHS = ("llama", "qwen3", "mixtral", "gpt_oss")
 COSINE = 0.999
+EAGER = ("gpt_oss",)  # attention sinks: CUDA graphs are off for them (attention/flashinfer_backend.py)
 
 
 def _spec(path, tp: int) -> ExecutorSpec:
@@ -93,7 +94,8 @@ def test_tp_bf16_matches_tp1(tp, checkpoints, references):
                 replays = ex.graphs.stats.replays if ex.graphs is not None else 0
             finally:
                 ex.close()
-            assert replays >= 8, f"{arch} tp {tp}: decode steps did not replay CUDA graphs ({replays})"
+            if arch not in EAGER:
+                assert replays >= 8, f"{arch} tp {tp}: decode steps did not replay CUDA graphs ({replays})"
             worst = 1.0
             for step, (a, b) in enumerate(zip(logits, ref_logits, strict=True)):
                 cos = float(_cosine_rows(a, b).min())

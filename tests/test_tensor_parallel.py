@@ -85,6 +85,30 @@ def group(references):
     g.close()
 
 
+def test_doctor_reports_the_layout(tmp_path):
+    """pie doctor's tensor-parallel line: the ranks, their devices, each rank's shard bytes; a model whose
+    heads do not split fails with the reason. (Before the group forms: sizing a shard simulates a rank.)"""
+    from pie.cli.doctor_cmd import _tensor_parallel
+    from pie.config import load_or_default
+    from pie.drivers.tp import layout_estimate
+    from pie.paths import embedded_model_dir
+
+    whole = layout_estimate(str(embedded_model_dir()), 1, "float32")[0]
+    halves = layout_estimate(str(embedded_model_dir()), 2, "float32")
+    assert halves[0]["weights_bytes"] == halves[1]["weights_bytes"] < whole["weights_bytes"]
+    assert halves[0]["kv_page_bytes"] * 2 == whole["kv_page_bytes"]
+    cfg = tmp_path / "config.toml"
+    model = '[[model]]\nname = "{}"\nhf_repo = "pie/embedded-default"\n[model.driver]\ntype = "dev"\n'
+    cfg.write_text(
+        model.format("two") + 'device = ["cpu", "cpu"]\ntensor_parallel_size = 2\n'
+        + model.format("four") + 'device = ["cpu", "cpu", "cpu", "cpu"]\ntensor_parallel_size = 4\n'
+    )  # fmt: skip
+    config, _ = load_or_default(str(cfg))
+    two, four = _tensor_parallel(config)
+    assert two.ok and "2 ranks" in two.detail and "rank 1 cpu: weights" in two.detail
+    assert not four.ok and "num_attention_heads = 6 is not divisible by tensor_parallel_size 4" in four.detail
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_tp2_matches_tp1(arch, checkpoints, references, group):
     executor = group.build(spec(checkpoints[arch], 2))
@@ -193,30 +217,6 @@ def test_tp_problem_messages(checkpoints):
     )
     gemma4 = get_model_class("gemma4_text")
     assert "does not support tensor parallelism" in tensor_parallel_problem(cfg, gemma4, 2)
-
-
-def test_doctor_reports_the_layout(tmp_path):
-    """pie doctor's tensor-parallel line: the ranks, their devices, each rank's shard bytes; a model whose
-    heads do not split fails with the reason."""
-    from pie.cli.doctor_cmd import _tensor_parallel
-    from pie.config import load_or_default
-    from pie.drivers.tp import layout_estimate
-    from pie.paths import embedded_model_dir
-
-    whole = layout_estimate(str(embedded_model_dir()), 1, "float32")[0]
-    halves = layout_estimate(str(embedded_model_dir()), 2, "float32")
-    assert halves[0]["weights_bytes"] == halves[1]["weights_bytes"] < whole["weights_bytes"]
-    assert halves[0]["kv_page_bytes"] * 2 == whole["kv_page_bytes"]
-    cfg = tmp_path / "config.toml"
-    model = '[[model]]\nname = "{}"\nhf_repo = "pie/embedded-default"\n[model.driver]\ntype = "dev"\n'
-    cfg.write_text(
-        model.format("two") + 'device = ["cpu", "cpu"]\ntensor_parallel_size = 2\n'
-        + model.format("four") + 'device = ["cpu", "cpu", "cpu", "cpu"]\ntensor_parallel_size = 4\n'
-    )  # fmt: skip
-    config, _ = load_or_default(str(cfg))
-    two, four = _tensor_parallel(config)
-    assert two.ok and "2 ranks" in two.detail and "rank 1 cpu: weights" in two.detail
-    assert not four.ok and "num_attention_heads = 6 is not divisible by tensor_parallel_size 4" in four.detail
 
 
 def test_killed_rank_fails_with_a_clear_error(checkpoints, group):

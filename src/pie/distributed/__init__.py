@@ -133,8 +133,15 @@ def prepare_fast_all_reduce(dtype: torch.dtype) -> bool:
         return True
     buf, name, ok = None, _STATE.group.group_name, True
     try:
+        import warnings
+
         import torch.distributed._symmetric_memory as symm_mem
 
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)  # needed before torch 2.8, then a no-op
+        if enable is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable(name)
         buf = symm_mem.empty(FAST_MAX_BYTES // torch.empty((), dtype=dtype).element_size(), dtype=dtype,
                              device=_STATE.device)  # fmt: skip
         symm_mem.rendezvous(buf, name)

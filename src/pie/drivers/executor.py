@@ -360,14 +360,16 @@ class ModelExecutor:
         """One forward pass, waited for (see launch)."""
         return self.launch(batch)()
 
-    def launch(self, batch: ForwardBatch) -> Callable[[], ForwardResult]:
+    def launch(self, batch: ForwardBatch, *, checked: bool = False) -> Callable[[], ForwardResult]:
         """Queue one forward pass on the device; returns a function that waits for it and gives the host
         (numpy) results of the batch's output rows. The device->host copies are asynchronous (pinned), so
         a driver can launch the next batch before waiting for this one.
 
         Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
-        every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
-        self.check_batch(batch)
+        every batch once graphs are off, run the eager forward. Sampling and the result are the same.
+        `checked`: check_batch already passed (tensor-parallel ranks: rank 0 checks before broadcasting)."""
+        if not checked:
+            self.check_batch(batch)
         prev, self._prev_tokens = self._prev_tokens, None  # a failed batch leaves no tokens to feed
         feed = None
         if batch.prev_token_rows is not None:
@@ -487,7 +489,9 @@ class ModelExecutor:
             self._sampling = SamplingParams.from_batch(batch, dev)
             self._sampling_key = key
         out = sample(logits, self._sampling, batch.return_logprobs)
-        self._prev_tokens = broadcast_(out.tokens)  # [O] device: the next batch's prev_token_rows read these
+        self._prev_tokens = broadcast_(
+            out.tokens.contiguous()
+        )  # [O] device: the next batch's prev_token_rows read these
         # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
         # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
         host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]

@@ -4,9 +4,10 @@
 
 Rank 0 (this process: the cuda_native driver, or the dev driver's child) starts ranks 1..n-1 as
 subprocesses (`python -m pie.drivers.tp_worker`), joins the torch.distributed group with them (NCCL on
-CUDA, gloo on CPU, pie.distributed) and then drives them: every forward batch and page op is broadcast
-(pickled, over a gloo control group) before rank 0 runs it itself, and the other ranks run the same
-ModelExecutor code on their shard. Only rank 0 samples and returns results.
+CUDA, gloo on CPU, pie.distributed) and then drives them: every forward batch and page op is sent to them
+(pickled, down each worker's stdin pipe) before rank 0 runs it itself, and the other ranks run the same
+ModelExecutor code on their shard. Only rank 0 samples and returns results; page reads come back over the
+gloo control group.
 
 Supervision: a monitor thread polls the workers; when one exits, the failure (its exit status and the
 last lines it wrote to stderr) is recorded, the collectives are aborted so no rank stays blocked, the
@@ -25,7 +26,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -186,6 +189,18 @@ class TPGroup:
             time.sleep(_POLL_S)
         return self.failure or what
 
+    def send(self, msg: tuple) -> None:
+        """Hand one message to every other rank: pickled onto its stdin pipe (a length, then the bytes).
+        A pipe write is microseconds where a gloo broadcast is a round trip, and rank 0 starts its own
+        part of a pass right after (the ranks meet again in the pass's collectives)."""
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = memoryview(struct.pack("<Q", len(data)) + data)
+        for w in self.workers:
+            fd = w.proc.stdin.fileno()
+            sent = 0
+            while sent < len(frame):  # a blocking pipe: large frames go out as the rank reads them
+                sent += os.write(fd, frame[sent:])
+
     def check(self) -> None:
         if self.failure is not None:
             raise DriverError(self.failure)
@@ -208,13 +223,12 @@ class TPGroup:
     # ---- work ----
     def build(self, spec: ExecutorSpec, progress: bool = False) -> TensorParallelExecutor:
         """Every rank builds its shard of `spec`'s model (rank r on devices[r])."""
-        from pie.distributed import broadcast_object
         from pie.drivers.executor import ModelExecutor
 
         spec = dataclasses.replace(spec, devices=list(self.devices), tensor_parallel_size=self.size)
 
         def run():
-            broadcast_object(("build", spec))
+            self.send(("build", spec))
             return ModelExecutor(dataclasses.replace(spec, device=self.devices[0]), progress=progress)
 
         try:
@@ -225,7 +239,7 @@ class TPGroup:
 
     def close(self) -> None:
         """Stop the workers (a clean "stop" when they are healthy) and leave the group; idempotent."""
-        from pie.distributed import abort_tp, broadcast_object, destroy_tp
+        from pie.distributed import abort_tp, destroy_tp
 
         if self._closed:
             return
@@ -233,7 +247,7 @@ class TPGroup:
         self._closed = True
         if healthy:
             try:
-                broadcast_object(("stop",))
+                self.send(("stop",))
             except Exception as e:
                 log.debug("tp stop: %s", e)
                 healthy = False
@@ -282,14 +296,14 @@ class TensorParallelExecutor:
     def time_collectives(self, tokens: int, outputs: int, iters: int = 20) -> float:
         """Seconds the collectives of one pass of `tokens` tokens and `outputs` logits rows take alone
         (pie.distributed.time_step_collectives, on every rank)."""
-        from pie.distributed import broadcast_object, time_step_collectives
+        from pie.distributed import time_step_collectives
 
         cfg = self.local.model_config
         vocab_per_rank = -(-cfg.vocab_size // self.group.size)
         args = (tokens, outputs, cfg.hidden_size, vocab_per_rank, cfg.num_layers, self.local.dtype, iters)
 
         def run():
-            broadcast_object(("time_collectives", args))
+            self.group.send(("time_collectives", args))
             return time_step_collectives(*args)
 
         return self.group.call(run, "timing the collectives")
@@ -298,41 +312,37 @@ class TensorParallelExecutor:
         return self.launch(batch)()
 
     def launch(self, batch: ForwardBatch) -> Callable[[], ForwardResult]:
-        from pie.distributed import broadcast_object
-
         self.group.check()
         self.local.check_batch(batch)  # a bad batch fails here, before the other ranks see it
 
         def run():
-            broadcast_object(("forward", batch))
-            return self.local.launch(batch)
+            self.group.send(("forward", batch))
+            return self.local.launch(batch, checked=True)
 
         return _Pending(self.group.call(run, "forward pass"), self.group)
 
     def page_ops(self, ops: PageOps) -> PageOpsResult:
-        from pie.distributed import all_gather_object, broadcast_object
+        from pie.distributed import all_gather_object
 
         ops.validate(
             self.local.num_pages, self.local.page_mover.num_swap_slots, self.capabilities.page_nbytes
         )
 
         def run():
-            broadcast_object(("page_ops", ops))
+            self.group.send(("page_ops", ops))
             res = self.local.page_ops(rank_ops(ops, 0, self.local_page_nbytes))
             return gather_read(res, all_gather_object(None), self.local_page_nbytes)
 
         return self.group.call(run, "page ops")
 
     def close(self) -> None:
-        from pie.distributed import broadcast_object
-
         mover = getattr(self.local, "page_mover", None)
         if mover is not None:
             mover.close()
         self.local = None
         if self.group.failure is None and not self.group._closed:
             try:
-                broadcast_object(("release",))
+                self.group.send(("release",))
             except Exception as e:
                 log.debug("tp release: %s", e)
         if self.owns_group:
@@ -365,10 +375,8 @@ class _GroupGraphs:
         return getattr(self._executor.local.graphs, name)
 
     def prepare(self, batch_size: int) -> bool:
-        from pie.distributed import broadcast_object
-
         def run():
-            broadcast_object(("prepare_graph", batch_size))
+            self._executor.group.send(("prepare_graph", batch_size))
             return self._executor.local.graphs.prepare(batch_size)
 
         return self._executor.group.call(run, "capturing a CUDA graph")
@@ -387,9 +395,9 @@ class _Pending:
 
     def __call__(self) -> ForwardResult:
         event = getattr(self.pending, "event", None)
-        while event is not None and not event.query():
+        while event is not None and not event.query():  # spin (as a CUDA event wait does), watching the ranks
             self.group.check()
-            time.sleep(0.0001)
+            time.sleep(0)
         self.group.check()
         return self.pending()
 
