@@ -138,11 +138,11 @@ class Grammar:
         """A grammar in Pie's GBNF syntax (`root ::= ...`) or Lark syntax (`start: ...`)."""
         if not isinstance(ebnf, str) or not ebnf.strip():
             raise GrammarError('an EBNF grammar is a non-empty string, e.g. \'root ::= "yes" | "no"\'')
-        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+        from llguidance.gbnf_to_lark import any_to_lark
 
         try:
             lark = any_to_lark(ebnf)
-        except (GbnfToLarkError, ValueError, KeyError) as e:
+        except Exception as e:  # the converter raises bare Exception for unknown rules
             raise GrammarError(f"the EBNF grammar does not parse: {e}") from None
         return cls(_llg().LLMatcher.grammar_from_lark(lark), "EBNF grammar").check()
 
