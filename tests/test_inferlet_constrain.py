@@ -48,7 +48,7 @@ async def _engine():
     return e
 
 
-def on_model(fn, timeout=300):
+def on_model(fn, timeout=900):
     """Run `fn(model)` as an inferlet on the default model; the engine is checked for leaks after."""
 
     box = []
@@ -306,7 +306,7 @@ def test_speculative_greedy_equals_plain_greedy():
 
             async def gen(prompt=prompt, **kw):
                 ctx = chat(model, prompt)
-                g = ctx.generate(Sampler.argmax(), max_tokens=48, **kw)
+                g = ctx.generate(Sampler.argmax(), max_tokens=32, **kw)
                 toks = await g.collect_tokens()
                 more = await ctx.generate(
                     Sampler.argmax(), max_tokens=6, system_speculation=False

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from .context import Context
 
 _UNBOUNDED = 1 << 40  # max_tokens None: until a stop token or the model's window
+# with system speculation and no draft, this many tokens run engine-side before the drafter looks again
+_SPEC_CHUNK = 4
 
 
 class Generator:
@@ -300,6 +302,31 @@ class Generator:
         return None if seed is None else step_seed(seed, self._steps + offset)
 
     @property
+    def _only_system_spec(self) -> bool:
+        """Nothing but the system drafter needs steps: draft where it can, engine-side elsewhere."""
+        return (
+            self._use_system_spec
+            and self._speculator is None
+            and not (self._step_probes or self._mask is not None or self._constraints)
+        )
+
+    async def _collect_system_spec(self) -> list[int]:
+        """A verification step whenever the n-gram drafter has a draft; otherwise a short engine-side
+        chunk (the scheduler chains its steps without waking the inferlet), then look again."""
+        out: list[int] = []
+        while not self.is_done:
+            step = await self.__anext__()
+            if step._drafts:
+                out += (await step.execute()).tokens
+                continue
+            self._ctx._buffer[:0] = step._pending  # back to the buffer: the chunk runs it
+            tokens = await self._engine_side(limit=_SPEC_CHUNK)
+            if self._drafter is not None:
+                self._drafter.accept(tokens)
+            out += tokens
+        return out
+
+    @property
     def _step_by_step(self) -> bool:
         """Whether collecting must run step by step (the engine-side generation has no per-step hooks)."""
         return bool(
@@ -313,6 +340,8 @@ class Generator:
     # ---- collecting -----------------------------------------------------------------------------
     async def collect_tokens(self) -> list[int]:
         """Run to the end; every accepted token."""
+        if self._only_system_spec:
+            return await self._collect_system_spec()
         if self._step_by_step:
             out: list[int] = []
             async for step in self:
@@ -351,14 +380,17 @@ class Generator:
                 f"when the generation ends on its own). Output: {text[:200]!r}"
             ) from None
 
-    async def _engine_side(self) -> list[int]:
-        """The rest of the generation as one engine-side generation (pie.runtime.work.Generation)."""
+    async def _engine_side(self, limit: int | None = None) -> list[int]:
+        """The rest of the generation (or its next `limit` tokens) as one engine-side generation
+        (pie.runtime.work.Generation)."""
         if self.is_done:
             return []
         ctx, inner = self._ctx, self._ctx._inner
         ctx._check_open()
         ctx._drain_chat()
         left = _UNBOUNDED if self._max_tokens is None else self._max_tokens - self._generated
+        if limit is not None:
+            left = min(left, limit)
         # pie's generation takes the buffer as the context's pending tokens
         buffered = ctx._take_buffer()
         start = inner.next_position
@@ -385,7 +417,8 @@ class Generator:
             inner._pending, inner._pending_pos = [], []
             inner.next_position = inner._seq.positions[-1] + 1 if inner._seq.positions else 0
         self._steps += len(tokens) + (gen.finish_reason == "stop")
-        self._done = True
+        # a chunk ends the generation on a stop token or at the model's window (fewer tokens than asked)
+        self._done = limit is None or gen.finish_reason == "stop" or len(tokens) < left
         return self._accept(list(tokens))
 
 
