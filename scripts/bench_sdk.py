@@ -6,15 +6,17 @@
 
 Rows (each the median of --repeats runs of --tokens generated tokens, one inferlet at a time):
 
-  plain, engine-side     collect_tokens() as one engine-side generation (no per-step wake-up)
-  plain, step loop       `async for step in gen`: one pass per token, the inferlet sees every step
+  engine                 collect_tokens() as one engine-side generation (no per-step wake-up)
+  plain                  `async for step in gen`: one pass per token, the inferlet sees every step
   json / regex           the step loop with a grammar: host-side masks (llguidance, in a worker thread while
                          the pass runs) and host sampling from the masked logits; "overhead" is the extra
                          time per token against the step loop, and "mask" the host time of one mask alone
   oracle k=K             greedy with a speculator that drafts the known greedy continuation (every draft
                          accepted): the best case of a K-token verification pass
-  system n-gram          greedy with pie's default prompt-lookup drafter on a repetitive prompt
-  speedup                plain step-loop time / this row's time (same tokens: greedy outputs are checked)
+  system                 collect_tokens() with pie's default prompt-lookup drafter, on a repetitive prompt
+                         (verification steps where it drafts, engine-side chunks elsewhere)
+  speedup                plain step-loop time / this row's time (same tokens: greedy outputs are checked);
+                         passes: forward passes the scheduler ran for the row
 
 With random weights the constrained rows still measure the real mask cost (give --tokenizer so the token
 table is the model's; without it the embedded 8k tokenizer is used and the mask cost is understated),
@@ -104,7 +106,7 @@ class Oracle:
         self.done = 0
 
 
-async def one_run(model, prompt: str, n: int, mode: str, target: list[int] | None) -> dict:
+async def one_run(model, prompt: str, n: int, mode: str, target: list[int] | None, sched=None) -> dict:
     """Generate n tokens in `mode`; wall time, tokens, passes, speculation stats."""
     from inferlet import Context, JsonSchema, Regex, Sampler
 
@@ -121,16 +123,16 @@ async def one_run(model, prompt: str, n: int, mode: str, target: list[int] | Non
     gen = ctx.generate(Sampler.argmax(), auto_flush=False, **kw)
     if mode != "system" and not mode.startswith("oracle"):
         gen.disable_system_speculation()
+    steps0 = sched.num_steps if sched is not None else 0
     t0 = time.perf_counter()
-    tokens, passes = [], 0
-    if mode == "engine":
+    tokens = []
+    if mode in ("engine", "system"):  # what users get from collect_tokens() / collect_text()
         tokens = await gen.collect_tokens()
-        passes = len(tokens)
     else:
         async for step in gen:
             tokens += (await step.execute()).tokens
-            passes += 1
     dt = time.perf_counter() - t0
+    passes = sched.num_steps - steps0 if sched is not None else -1
     ctx.release()
     st = gen.speculation_stats
     return {"s": dt, "tokens": tokens, "passes": passes, "drafted": st.drafted, "accepted": st.accepted}
@@ -170,6 +172,7 @@ async def bench(args: argparse.Namespace) -> list[dict]:
     async def inferlet(_input: dict) -> None:
         model = Model.load()
         n = args.tokens
+        sched = engine.model().scheduler
         await one_run(model, REPETITIVE, 8, "plain", None)  # warm-up (graphs, allocator, token table)
         plain = await one_run(model, REPETITIVE, n, "plain", None)
         target = plain["tokens"]
@@ -177,7 +180,7 @@ async def bench(args: argparse.Namespace) -> list[dict]:
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for m in modes:
-                runs[m].append(await one_run(model, REPETITIVE, n, m, target))
+                runs[m].append(await one_run(model, REPETITIVE, n, m, target, sched))
 
         def per_token(rs: list[dict]) -> float:  # a grammar may end before n tokens
             return statistics.median(r["s"] / max(1, len(r["tokens"])) for r in rs)

@@ -47,8 +47,10 @@ if TYPE_CHECKING:
     from .context import Context
 
 _UNBOUNDED = 1 << 40  # max_tokens None: until a stop token or the model's window
-# with system speculation and no draft, this many tokens run engine-side before the drafter looks again
+# with system speculation and no draft, this many tokens run engine-side before the drafter looks again;
+# doubling (up to the max) while it finds none
 _SPEC_CHUNK = 4
+_SPEC_CHUNK_MAX = 32
 
 
 class Generator:
@@ -247,6 +249,7 @@ class Generator:
             elif runs := c.step(list(accepted)):
                 base &= brle.decode(runs, vocab, f"{type(c).__name__}.step mask")
         stop = np.asarray(self._stop, dtype=np.int64)
+        eos = _grammar._stop_ids(self._ctx.model._pie.tokenizer) if grammars else []
 
         def compute() -> np.ndarray:
             mask = base
@@ -255,7 +258,7 @@ class Generator:
                 mask &= c.matcher.allowed()
                 accepting = accepting and c.matcher.is_accepting
             if grammars:
-                mask[_grammar._stop_ids(self._ctx.model._pie.tokenizer)] = False  # llguidance's eos
+                mask[eos] = False  # llguidance's eos ids: the generator's stop tokens decide
                 if stop.size:
                     mask[stop] = accepting  # stop tokens end the output where every grammar accepts
             if not mask.any():
@@ -314,13 +317,17 @@ class Generator:
         """A verification step whenever the n-gram drafter has a draft; otherwise a short engine-side
         chunk (the scheduler chains its steps without waking the inferlet), then look again."""
         out: list[int] = []
+        chunk = _SPEC_CHUNK
         while not self.is_done:
             step = await self.__anext__()
             if step._drafts:
                 out += (await step.execute()).tokens
+                chunk = _SPEC_CHUNK
                 continue
             self._ctx._buffer[:0] = step._pending  # back to the buffer: the chunk runs it
-            tokens = await self._engine_side(limit=_SPEC_CHUNK)
+            tokens = await self._engine_side(limit=chunk)
+            # text that does not repeat itself rarely starts to: look less often (chunks pipeline better)
+            chunk = min(2 * chunk, _SPEC_CHUNK_MAX)
             if self._drafter is not None:
                 self._drafter.accept(tokens)
             out += tokens
