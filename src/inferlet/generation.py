@@ -253,14 +253,17 @@ class Generator:
 
         def compute() -> np.ndarray:
             mask = base
+            user_stop = base[stop] if stop.size else None  # what the static / user masks say of them
             accepting = True
             for c in grammars:
-                mask &= c.matcher.allowed()
+                allowed = c.matcher.allowed()  # a Matcher built over the tokenizer alone may be shorter
+                mask[: allowed.size] &= allowed[: mask.size]
+                mask[allowed.size :] = False
                 accepting = accepting and c.matcher.is_accepting
             if grammars:
                 mask[eos] = False  # llguidance's eos ids: the generator's stop tokens decide
                 if stop.size:
-                    mask[stop] = accepting  # stop tokens end the output where every grammar accepts
+                    mask[stop] = user_stop & accepting  # they end the output where every grammar accepts
             if not mask.any():
                 raise PieError(
                     "the constraints allow no next token (their masks do not intersect, or a grammar is "
