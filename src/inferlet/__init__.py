@@ -12,9 +12,10 @@ An inferlet written for Pie's Python SDK runs under `pie run` unchanged:
 
 Supported: Model / Tokenizer, Context (fillers, flush, fork / save / snapshot / open / take / delete /
 truncate / release), Forward (inputs, samplers, probes, logit and attention masks), Generator and GenStep,
-samplers and probes, chat fillers and Decoder, runtime basics, set_return. Importable but raising
-NotSupportedError (a PieError) when used: constraints and grammars, speculation, adapters, media and
-speech, reasoning and tools decoders, scheduling bids, messaging, session, mcp, zo, runtime.launch.
+samplers and probes, chat fillers and Decoder, runtime basics, set_return, constraints (llguidance
+grammars) and speculation (custom speculators, system n-gram drafting). Importable but raising
+NotSupportedError (a PieError) when used: adapters, media and speech, reasoning and tools decoders,
+scheduling bids, messaging, session, mcp, zo, runtime.launch.
 See docs/inferlets.md ("Pie's inferlet API").
 """
 
