@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
-from pie.errors import DriverError
+from pie.errors import DriverError, PieError
 from pie.runtime.batching import _RECORD, Chunk, FedSteps, build_batch, check_result, split_result
 from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import OutOfPagesError
@@ -72,6 +73,9 @@ class Scheduler:
         self.num_steps = 0
         self.pipelining = True
         self._fed = FedSteps()  # the fed steps of the batch being planned (see _plan)
+        self.last_step_s = 0.0  # how long the driver took for the last batch (inferlet.scheduling.latency)
+        # priority of the last context preempted for room and the step it happened in (scheduling.rent)
+        self.last_victim_priority, self.last_victim_step = 0.0, -1
 
     # ---- public --------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,6 +107,26 @@ class Scheduler:
         self.seqs.pop(seq.id, None)
         self.kv.release(seq)
         self._wake.set()  # its pages may be what a waiting pass needs
+
+    def suspend(self, seq: Sequence) -> int:
+        """Preempt seq now at its owner's request (Pie's Context.suspend): its pages go to host swap
+        slots, or are dropped to be recomputed, and come back before its next pass. Returns the pages it
+        gave back (now free, or held only by the prefix cache, which lets them go on demand); pages shared
+        with forks or snapshots stay."""
+        if seq.work is not None or seq.inflight:
+            raise PieError("cannot suspend a context while a pass runs on it; await the pass first")
+        if seq.state != RESIDENT or not seq.pages:
+            return 0
+        free = self.kv.freeable(seq)
+        swap = self.kv.num_swap_slots > 0 and free <= len(self.kv._free_slots)
+        if seq.causal_len < seq.kv_len and not swap:
+            raise PieError(
+                "cannot suspend this context: its KV was computed under a custom attention mask, so it "
+                "cannot be recomputed, and there are no free host swap slots to keep it"
+            )
+        self.kv.preempt(seq, swap=swap)
+        self._wake.set()  # its pages may be what a waiting pass needs
+        return free
 
     def submit(self, w: Work) -> asyncio.Future:
         """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
@@ -418,6 +442,7 @@ class Scheduler:
                 continue
             victim = self._victim(seq, in_plan, only_idle=not may_preempt)
             if victim is not None:
+                self.last_victim_priority, self.last_victim_step = victim.priority, self.num_steps
                 self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
                 continue
             # nobody frees a page alone: pages shared by several idle contexts (forks, a swapped-out
@@ -511,7 +536,10 @@ class Scheduler:
             self._dead = DriverError(f"KV page operations failed: {e}")
 
     async def _forward(self, batch: ForwardBatch) -> ForwardResult:
-        return await self.driver.forward(batch)
+        t0 = time.perf_counter()
+        result = await self.driver.forward(batch)
+        self.last_step_s = time.perf_counter() - t0
+        return result
 
     def _finish(self, b: _Batch) -> None:
         try:
