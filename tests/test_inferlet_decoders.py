@@ -274,3 +274,33 @@ def test_equip_prefix_without_a_tool_block_lists_the_tools_in_a_turn():
     text = m._pie.tokenizer.decode(tools.equip_prefix(m, [WEATHER]))
     assert text.startswith("<start_of_turn>user\nYou can call these functions") and "get_weather" in text
     assert "```tool_code" in text
+
+
+# Llama 3.1's template shape: a system turn always, the tools in it when tools_in_user_message is false
+LLAMA_TEMPLATE = """{{- bos_token }}<|start_header_id|>system<|end_header_id|>
+
+{% if tools and not tools_in_user_message %}Environment: ipython
+{% endif %}Cutting Knowledge Date: December 2023
+
+{% if tools and not tools_in_user_message %}You have access to the following functions.
+{% for t in tools %}{{ t | tojson }}
+
+{% endfor %}{% endif %}<|eot_id|>
+{%- for m in messages %}{% if m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content }}<|eot_id|>{% else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content }}<|eot_id|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+
+def test_equip_prefix_is_the_whole_system_turn_when_the_template_always_renders_one():
+    m = model_of("llama3", LLAMA_TEMPLATE)
+    tok = m._pie.tokenizer
+    tok.hf.bos_token = "<|begin_of_text|>"
+    text = tok.decode(tools.equip_prefix(m, [WEATHER]))
+    assert text.startswith("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n")
+    assert text.endswith("<|eot_id|>") and '"name": "get_weather"' in text and "<|begin_of_text|>" not in text
+    ans = tok.decode(tools.answer_prefix(m, "get_weather", "21C"))
+    assert ans == "<|start_header_id|>ipython<|end_header_id|>\n\n21C<|eot_id|>"

@@ -338,3 +338,36 @@ def test_stdio_session_refuses_a_terminal_and_without_a_session_says_so(monkeypa
         return "ok"
 
     assert run(with_engine(lonely)) == "ok"
+
+
+def test_a_front_end_plugs_in_a_callback_session():
+    from pie.runtime.session import CallbackSession
+
+    async def echo(_):
+        session.send("ready")
+        first = await session.receive()
+        blob = await session.receive_file()
+        session.send({"got": first, "bytes": len(blob)})
+        session.send_file(blob[::-1])
+        with pytest.raises(SessionError, match="closed the session"):
+            await session.receive()
+        return "bye"
+
+    async def drive():
+        sent, files = [], []
+        s = CallbackSession(sent.append, files.append)
+        e = Engine.from_drivers({"fake": (FakeDriver(), None)})
+        await e.start()
+        try:
+            task = e.spawn_inferlet(echo, {}, session=s)
+            await asyncio.sleep(0.01)
+            s.deliver("hello")
+            s.deliver_file(b"abc")
+            await asyncio.sleep(0.01)
+            s.close()
+            return await task, sent, files
+        finally:
+            await e.shutdown()
+
+    result, sent, files = run(drive())
+    assert result == "bye" and sent == ["ready", '{"got": "hello", "bytes": 3}'] and files == [b"cba"]

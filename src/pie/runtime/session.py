@@ -9,8 +9,9 @@ Contract (what a front end plugs in; `Engine.run_inferlet(..., session=...)` han
     await receive_file() -> bytes the client's next file, likewise
 
 Calls come from the inferlet's task on the engine's event loop. `pie run` plugs in StdioSession (below); a
-server plugs in one per connection (messages to the client's socket, its uploads to receive). Inferlets
-launched by other inferlets have no client: their session is NoSession, whose calls say so.
+server plugs in one per connection, e.g. a CallbackSession whose callbacks write to the client's socket and
+whose deliver()/deliver_file() it calls with what the client sends. Inferlets launched by other inferlets
+have no client: their session is NoSession, whose calls say so.
 """
 
 from __future__ import annotations
@@ -59,6 +60,53 @@ class NoSession:
 
     async def receive_file(self) -> bytes:
         self._fail("receive_file")
+
+
+class CallbackSession:
+    """A session for front ends: sends go to callbacks; the client's messages and files are handed in with
+    deliver() / deliver_file() and wait in order until the inferlet receives them; close() makes waiting
+    and later receives raise SessionError (the client went away)."""
+
+    def __init__(self, on_message, on_file=None) -> None:
+        self.on_message = on_message  # (str) -> None, called in order, must not block
+        self.on_file = on_file  # (bytes) -> None; None: sending files is an error
+        self._messages: asyncio.Queue = asyncio.Queue()
+        self._files: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+
+    def send(self, message: str) -> None:
+        self.on_message(message)
+
+    def send_file(self, data: bytes) -> None:
+        if self.on_file is None:
+            raise SessionError("session.send_file: this client does not take files")
+        self.on_file(data)
+
+    def deliver(self, message: str) -> None:
+        self._messages.put_nowait(message)
+
+    def deliver_file(self, data: bytes) -> None:
+        self._files.put_nowait(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+        for q in (self._messages, self._files):
+            q.put_nowait(None)  # wakes a waiting receive
+
+    async def receive(self) -> str:
+        return await self._get(self._messages, "receive")
+
+    async def receive_file(self) -> bytes:
+        return await self._get(self._files, "receive_file")
+
+    async def _get(self, q: asyncio.Queue, what: str):
+        if self.closed and q.empty():
+            raise SessionError(f"session.{what}: the client has closed the session")
+        item = await q.get()
+        if item is None:
+            q.put_nowait(None)  # keep later receives failing too
+            raise SessionError(f"session.{what}: the client has closed the session")
+        return item
 
 
 class StdioSession:
