@@ -304,3 +304,15 @@ def test_equip_prefix_is_the_whole_system_turn_when_the_template_always_renders_
     assert text.endswith("<|eot_id|>") and '"name": "get_weather"' in text and "<|begin_of_text|>" not in text
     ans = tok.decode(tools.answer_prefix(m, "get_weather", "21C"))
     assert ans == "<|start_header_id|>ipython<|end_header_id|>\n\n21C<|eot_id|>"
+
+
+def test_non_special_markup_tokens_interrupt_the_chat_decoder():
+    """Qwen 3's tokenizer marks <tool_call> as an added but non-special token: it is still a control token."""
+    m = model_of("qwen", QWEN3_TEMPLATE)
+    hf = m._pie.tokenizer.hf
+    hf.add_tokens(["<tool_response>"])  # special=False, as in Qwen's tokenizer
+    rid = m._pie.tokenizer.token_id("<tool_response>")
+    assert not hf.added_tokens_decoder[rid].special
+    dec = chat.Decoder(m)
+    assert dec.feed(m._pie.tokenizer.encode("Hi")) == chat.Event.Delta("Hi")
+    assert dec.feed([rid]) == chat.Event.Interrupt(rid)

@@ -7,6 +7,7 @@ depend on earlier turns.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pie.sdk.chat import ChatText, content_spans
@@ -26,6 +27,7 @@ _TURN_ENDS = (
     "</s>",
 )
 _PROBE = "\ue000pie\ue001"  # a user message no template rewrites
+_MARKUP = re.compile(r"<[^<>\s]+>|\[/?[A-Z_]+\]")  # <tool_call>, </think>, <|im_end|>, [TOOL_CALLS]
 
 
 def _render(model: Model, messages: list[dict], gen: bool) -> str:
@@ -141,9 +143,11 @@ class Decoder:
         self._stop = set(stop_tokens(model))
         tok = model._pie.tokenizer
         hf = tok.hf
-        self._special = {int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(
-            hf.all_special_ids
-        )
+        # control tokens: special ones, and added markup tokens that tokenizers leave non-special (Qwen's
+        # <tool_call>, <think>): text decoding keeps those, but they are not words of the reply
+        self._special = {
+            int(i) for i, t in hf.added_tokens_decoder.items() if t.special or _MARKUP.fullmatch(t.content)
+        } | set(hf.all_special_ids)
         fmt = model_format(model)
         self._harmony: dict[str, int] = {}
         self._think: tuple[int, int] | None = None
