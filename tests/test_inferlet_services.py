@@ -371,3 +371,22 @@ def test_a_front_end_plugs_in_a_callback_session():
 
     result, sent, files = run(drive())
     assert result == "bye" and sent == ["ready", '{"got": "hello", "bytes": 3}'] and files == [b"cba"]
+
+
+def test_a_cancelled_pull_loses_no_message_and_leaves_nothing_behind():
+    from pie.runtime.messaging import Broker
+
+    async def go():
+        b = Broker()
+        first = asyncio.create_task(b.pull("t"))
+        second = asyncio.create_task(b.pull("t"))
+        await asyncio.sleep(0)
+        b.push("t", "m1")  # handed to the first puller...
+        first.cancel()  # ...which is cancelled before it runs: the message goes back to the queue
+        await asyncio.gather(first, return_exceptions=True)
+        b.push("t", "m2")
+        got = [await second, await b.pull("t")]
+        return got, b.stats()
+
+    got, stats = run(go())
+    assert got == ["m1", "m2"] and stats == {"queued": 0, "pullers": 0, "subscriptions": 0, "topics": 0}

@@ -67,14 +67,19 @@ class Broker:
 
     # ---- queues ---------------------------------------------------------------------------------
     def push(self, topic: str, message: str) -> None:
+        if not self._hand(topic, message):
+            self._queues.setdefault(topic, deque()).append(message)
+
+    def _hand(self, topic: str, message: str) -> bool:
+        """Give the message to the longest-waiting live puller, if any."""
         waiters = self._pullers.get(topic)
         while waiters:
             fut = waiters.popleft()
             if not fut.done():  # a cancelled pull left its future behind: skip it
                 fut.set_result(message)
                 self._forget(topic)
-                return
-        self._queues.setdefault(topic, deque()).append(message)
+                return True
+        return False
 
     async def pull(self, topic: str) -> str:
         queue = self._queues.get(topic)
@@ -87,8 +92,10 @@ class Broker:
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # handed a message just as we were cancelled: keep it
-                self._queues.setdefault(topic, deque()).appendleft(fut.result())
+            if fut.done() and not fut.cancelled():  # handed a message just as we were cancelled: it goes
+                # to the next puller, or back to the head of the queue
+                if not self._hand(topic, fut.result()):
+                    self._queues.setdefault(topic, deque()).appendleft(fut.result())
             else:
                 fut.cancel()
             raise
