@@ -390,3 +390,30 @@ def test_a_cancelled_pull_loses_no_message_and_leaves_nothing_behind():
 
     got, stats = run(go())
     assert got == ["m1", "m2"] and stats == {"queued": 0, "pullers": 0, "subscriptions": 0, "topics": 0}
+
+
+def test_bids_choose_the_victim_among_contexts_that_are_generating():
+    """Two contexts generate at once in a cache too small for both: the lower bid is preempted (recomputed
+    later), and both still produce their full output."""
+
+    async def inferlet(input):
+        model = Model.load()
+        rt = model._pie._rt
+        victims: list[int] = []
+        preempt = rt.kv.preempt
+        rt.kv.preempt = lambda seq, swap: (victims.append(seq.id), preempt(seq, swap))[1]
+        ctxs = []
+        for name in ("a", "b"):
+            c = Context(model)
+            c.append(list(range(1, 9)))
+            c.set_bid(input[name])
+            ctxs.append(c)
+        ids = {c._inner._seq.id: n for c, n in zip(ctxs, "ab", strict=True)}
+        gens = [c.generate(Sampler.argmax(), max_tokens=16, auto_flush=False).collect_tokens() for c in ctxs]
+        outs = await asyncio.gather(*gens)
+        assert [len(o) for o in outs] == [16, 16]
+        return ids[victims[0]] if victims else "none"
+
+    small = {"num_pages": 10, "page_size": 4, "num_swap_slots": 0}
+    assert run(with_engine(inferlet, {"a": 5.0, "b": 1.0}, **small)) == "b"
+    assert run(with_engine(inferlet, {"a": 1.0, "b": 5.0}, **small)) == "a"

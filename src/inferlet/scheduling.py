@@ -2,8 +2,9 @@
 
 Pie schedules by a credit market (bids, rent, dividends). pie's scheduler takes priorities instead: a
 context's bid (`Context.set_bid`) is its priority, and when the KV cache runs out the victim is an idle
-context first (no pass waiting), then the lowest priority, then the most recently started work (see
-pie.runtime.scheduler.Scheduler._victim); `Context.idle()` makes a context the first victim for a while and
+context first (no pass waiting), then the lowest priority, then the most recently started work, and work
+never takes the pages of work with a higher priority (see pie.runtime.scheduler.Scheduler._victim);
+`Context.idle()` makes a context the first victim for a while and
 `Context.suspend()` gives its pages back now. The readings below are pie's real numbers in Pie's units:
 
     price()         1.0: one new KV page costs one credit (constant, as in Pie)

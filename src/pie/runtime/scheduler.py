@@ -468,7 +468,8 @@ class Scheduler:
         one asking, that preempting would free pages (and that can be restored exactly: swapped, or
         recomputed when their whole history was causal): idle contexts (no pass waiting, e.g. an agent
         waiting on a tool) first, then the lowest priority (scheduling hints), then the most recently
-        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages."""
+        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages, and
+        work never takes the pages of work with a higher priority (it waits)."""
         best, best_key = None, None
         swap_ok = self.kv.num_swap_slots > 0
         for s in self.seqs.values():
@@ -476,6 +477,8 @@ class Scheduler:
                 continue
             if only_idle and s.work is not None:
                 continue
+            if s.work is not None and seq.work is not None and s.priority > seq.priority:
+                continue  # a lower bid waits rather than take a higher bid's pages (it is the victim later)
             free = self.kv.freeable(s)
             if not free:
                 continue
