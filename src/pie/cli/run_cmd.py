@@ -9,7 +9,7 @@ Trailing ARGS become the input dict: `--max-tokens 64 --prompt "Hi" --ignore-eos
 
 The inferlet's session (inferlet.session) is the terminal: session.send() messages stream to stderr as
 they come, or to stdout with --stream (before the result); session.receive() reads lines of stdin when
-stdin is piped (`printf 'hi\n' | pie run agent.py`); a file sent is written to a temporary folder
+stdin is piped (`echo hi | pie run agent.py`); a file sent is written to a temporary folder
 whose path is printed on stderr.
 """
 
