@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
-from pie.errors import DriverError
+from pie.errors import DriverError, PieError
 from pie.runtime.batching import _RECORD, Chunk, FedSteps, build_batch, check_result, split_result
 from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import OutOfPagesError
@@ -76,6 +77,9 @@ class Scheduler:
         self.num_steps = 0
         self.pipelining = True
         self._fed = FedSteps()  # the fed steps of the batch being planned (see _plan)
+        self.last_step_s = 0.0  # how long the driver took for the last batch (inferlet.scheduling.latency)
+        # priority of the last context preempted for room and the step it happened in (scheduling.rent)
+        self.last_victim_priority, self.last_victim_step = 0.0, -1
 
     # ---- public --------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,6 +111,26 @@ class Scheduler:
         self.seqs.pop(seq.id, None)
         self.kv.release(seq)
         self._wake.set()  # its pages may be what a waiting pass needs
+
+    def suspend(self, seq: Sequence) -> int:
+        """Preempt seq now at its owner's request (Pie's Context.suspend): its pages go to host swap
+        slots, or are dropped to be recomputed, and come back before its next pass. Returns the pages it
+        gave back (now free, or held only by the prefix cache, which lets them go on demand); pages shared
+        with forks or snapshots stay."""
+        if seq.work is not None or seq.inflight:
+            raise PieError("cannot suspend a context while a pass runs on it; await the pass first")
+        if seq.state != RESIDENT or not seq.pages:
+            return 0
+        free = self.kv.freeable(seq)
+        swap = self.kv.num_swap_slots > 0 and free <= len(self.kv._free_slots)
+        if seq.causal_len < seq.kv_len and not swap:
+            raise PieError(
+                "cannot suspend this context: its KV was computed under a custom attention mask, so it "
+                "cannot be recomputed, and there are no free host swap slots to keep it"
+            )
+        self.kv.preempt(seq, swap=swap)
+        self._wake.set()  # its pages may be what a waiting pass needs
+        return free
 
     def submit(self, w: Work) -> asyncio.Future:
         """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
@@ -474,6 +498,7 @@ class Scheduler:
                 continue
             victim = self._victim(seq, in_plan, only_idle=not may_preempt)
             if victim is not None:
+                self.last_victim_priority, self.last_victim_step = victim.priority, self.num_steps
                 self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
                 continue
             # nobody frees a page alone: pages shared by several idle contexts (forks, a swapped-out
@@ -499,7 +524,8 @@ class Scheduler:
         one asking, that preempting would free pages (and that can be restored exactly: swapped, or
         recomputed when their whole history was causal): idle contexts (no pass waiting, e.g. an agent
         waiting on a tool) first, then the lowest priority (scheduling hints), then the most recently
-        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages."""
+        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages, and
+        work never takes the pages of work with a higher priority (it waits)."""
         best, best_key = None, None
         swap_ok = self.kv.num_swap_slots > 0
         for s in self.seqs.values():
@@ -507,6 +533,8 @@ class Scheduler:
                 continue
             if only_idle and s.work is not None:
                 continue
+            if s.work is not None and seq.work is not None and s.priority > seq.priority:
+                continue  # a lower bid waits rather than take a higher bid's pages (it is the victim later)
             free = self.kv.freeable(s)
             if not free:
                 continue
@@ -567,7 +595,10 @@ class Scheduler:
             self._dead = DriverError(f"KV page operations failed: {e}")
 
     async def _forward(self, batch: ForwardBatch) -> ForwardResult:
-        return await self.driver.forward(batch)
+        t0 = time.perf_counter()
+        result = await self.driver.forward(batch)
+        self.last_step_s = time.perf_counter() - t0
+        return result
 
     def _finish(self, b: _Batch) -> None:
         try:
