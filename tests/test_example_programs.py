@@ -1,0 +1,244 @@
+"""Pie's benchmark programs in examples/ (written with `import inferlet`) show what they exist for, on the
+embedded default model (in-process, CPU, float32): each checked against transformers run on the same
+weights, or against the runtime's own counters.
+
+One engine serves the whole module (one model load); every test checks its own counter deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runtime_checks import assert_all_free, check_refcounts
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+ASSETS = ROOT / "src" / "pie" / "assets" / "default-model"
+PAGE_SIZE = 16
+
+
+class Harness:
+    """An engine on the embedded model, driven from synchronous tests through one event loop."""
+
+    def __init__(self) -> None:
+        from pie.drivers.inprocess import InProcessDriver
+        from pie.drivers.spec import ExecutorSpec
+        from pie.models.tokenizer import Tokenizer
+        from pie.runtime.engine import Engine
+
+        self.loop = asyncio.new_event_loop()
+        spec = ExecutorSpec(
+            model_path=str(ASSETS), activation_dtype="float32", page_size=PAGE_SIZE, num_pages=512
+        )
+        self.engine = Engine.from_drivers({"default": (InProcessDriver(spec), Tokenizer.from_dir(ASSETS))})
+        self.run_async(self.engine.start())
+        self.rt = self.engine.model()
+
+    def run_async(self, coro, timeout: float = 120):
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def run(self, what, input: dict | None = None) -> str:
+        """Run an example (name in examples/) or an `async def main(input)`; its result text."""
+        target = EXAMPLES / f"{what}.py" if isinstance(what, str) else what
+        out = self.run_async(self.engine.run_inferlet(target, input or {}))
+        check_refcounts(self.rt)
+        return out
+
+    def stats(self) -> dict:
+        return self.rt.stats()
+
+    def close(self) -> None:
+        assert_all_free(self.rt)
+        self.run_async(self.engine.shutdown())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def pie():
+    h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(ASSETS, dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+def example(name: str):
+    """The example's module, to call its helpers from a test inferlet."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def hf_logprobs(hf, ids: list[int], mask: np.ndarray | None = None) -> torch.Tensor:
+    """[len(ids), V] float64 log-probabilities of the next token after each prefix; `mask` [T, T] bool
+    (True = may attend) replaces the causal mask."""
+    kw = {}
+    if mask is not None:
+        add = torch.zeros(mask.shape, dtype=torch.float32)
+        add[~torch.from_numpy(mask)] = torch.finfo(torch.float32).min
+        kw["attention_mask"] = add[None, None]
+    logits = hf(torch.tensor([ids]), **kw).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def chat_turns(pie: Harness, *turns: tuple[str, str]) -> list[list[int]]:
+    """The tokens of each chat turn (("system", text), ("user", text), ("cue", "")...), rendered by pie as
+    an inferlet's Context renders them (message content is tokenized apart from the template). Each turn
+    is rendered alone: the embedded model's ChatML renders a turn the same whatever came before."""
+
+    async def render(_):
+        from inferlet import Context, Model, chat
+
+        model = Model.load()
+        return json.dumps(
+            [
+                chat.cue(model) if role == "cue" else getattr(Context(model), role)(text).buffer()
+                for role, text in turns
+            ]
+        )
+
+    return json.loads(pie.run(render))
+
+
+def chat_prompt(pie: Harness, system: str, user: str) -> list[int]:
+    return sum(chat_turns(pie, ("system", system), ("user", user), ("cue", "")), [])
+
+
+# ---- beam search --------------------------------------------------------------------------------
+
+
+def reference_beam_search(hf, prompt, beams, max_tokens, stop):
+    """The same search on transformers' full-vocabulary log-probabilities (full recompute each step)."""
+    live, done = [(0.0, [])], []
+    for _ in range(max_tokens):
+        cands = []
+        for i, (score, toks) in enumerate(live):
+            lp = hf_logprobs(hf, prompt + toks)[-1]
+            cands += [(score + float(lp[t]), i, t) for t in range(lp.shape[0])]
+        cands.sort(key=lambda c: -c[0])
+        nxt = []
+        for score, i, t in cands:
+            if len(nxt) == beams:
+                break
+            if t in stop:
+                done.append((score, live[i][1]))
+            else:
+                nxt.append((score, live[i][1] + [t]))
+        live, done = nxt, sorted(done, key=lambda d: -d[0])[:beams]
+        if not live or (len(done) == beams and live[0][0] <= done[-1][0]):
+            break
+    return sorted(done + live, key=lambda d: -d[0])[:beams]
+
+
+def test_beam_search_equals_a_full_vocabulary_search_and_beats_greedy(pie, hf):
+    user = "What does str.split do?"
+    before = pie.stats()
+    out = json.loads(pie.run("beam_search", {"prompt": user, "beams": 3, "max_tokens": 6}))
+    scores = [b["logprob"] for b in out]
+    assert len(out) == 3 and scores == sorted(scores, reverse=True)
+    prompt = chat_prompt(pie, "You are a helpful assistant.", user)
+    ref = reference_beam_search(hf, prompt, 3, 6, {2})
+    assert [b["tokens"] for b in out] == [t for _, t in ref]
+    assert np.allclose(scores, [s for s, _ in ref], atol=1e-3)
+    for b in out:  # each score is the teacher-forced sum of its tokens' log-probabilities
+        lp = hf_logprobs(hf, prompt + b["tokens"])
+        forced = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(b["tokens"]))
+        assert math.isclose(b["logprob"], forced, abs_tol=1e-3)
+    greedy, g_score = [], 0.0
+    for _ in range(len(out[0]["tokens"])):
+        lp = hf_logprobs(hf, prompt + greedy)[-1]
+        greedy.append(int(lp.argmax()))
+        g_score += float(lp.max())
+    assert out[0]["logprob"] >= g_score - 1e-4
+    # the prompt was prefilled once: every beam is a fork of it
+    assert pie.stats()["tokens_prefilled"] - before["tokens_prefilled"] < 2 * len(prompt)
+
+
+# ---- prefix tree / parallel generation ----------------------------------------------------------
+
+
+def hf_greedy(hf, ids: list[int], n: int, stop=(2,)) -> list[int]:
+    out = []
+    for _ in range(n):
+        t = int(hf_logprobs(hf, ids + out)[-1].argmax())
+        if t in stop:
+            break
+        out.append(t)
+    return out
+
+
+def decode(ids: list[int]) -> str:
+    from pie.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(ASSETS).decode(ids, skip_special_tokens=True)
+
+
+def test_prefix_tree_prefills_every_node_once_and_leaves_share_pages(pie, hf):
+    mod = example("prefix_tree")
+    turns = [("system", mod.SYSTEM)]
+
+    def walk(children):
+        for c in children:
+            if isinstance(c, str):
+                turns.extend([("user", c), ("cue", "")])
+            else:
+                turns.append(("user", c[0]))
+                walk(c[1])
+
+    walk(mod.TREE)
+    nodes = chat_turns(pie, *turns)  # each turn rendered alone: ChatML does not depend on earlier turns
+    unique = sum(map(len, nodes))
+    before = pie.stats()
+    texts = json.loads(pie.run("prefix_tree", {"num_tokens": 4}))
+    after = pie.stats()
+    assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
+    # every node's tokens went through the model once (decode steps are counted apart)
+    assert after["tokens_prefilled"] - before["tokens_prefilled"] == unique
+    # a leaf's answer is what a model run on its whole prompt says (full recompute in transformers)
+    first_leaf = sum(nodes[:5], [])  # system, photosynthesis, ELI5, chef, cue
+    assert texts[0] == decode(hf_greedy(hf, first_leaf, 4))
+
+    async def shared(_):
+        from inferlet import Model
+
+        leaves, inner = await mod.build_tree(Model.load())
+        pages = [ctx._inner.page_ids for ctx in leaves]
+        full = len(nodes[0]) // PAGE_SIZE  # the system prompt's full pages
+        first = {tuple(p[:full]) for p in pages}
+        held = len({p for c in leaves + inner for p in c._inner.page_ids})  # distinct physical pages
+        for c in leaves + inner:
+            c.release()
+        return json.dumps([len(first), held, sum(map(len, pages))])
+
+    n_distinct, held, separate = json.loads(pie.run(shared))
+    assert n_distinct == 1  # the 8 leaves read the same physical pages for the system prompt
+    assert held < separate / 2  # the tree holds far fewer pages than 8 separate contexts would
+
+
+def test_parallel_generation_forks_answer_like_fresh_prompts(pie, hf):
+    mod = example("parallel_generation")
+    before = pie.stats()
+    texts = json.loads(pie.run("parallel_generation", {"max_tokens": 8}))
+    prefilled = pie.stats()["tokens_prefilled"] - before["tokens_prefilled"]
+    system = "You are a helpful, respectful and honest assistant."
+    prompts = [chat_turns(pie, ("system", system), ("user", q), ("cue", "")) for q in mod.QUESTIONS]
+    for (s, u, c), text in zip(prompts, texts, strict=True):
+        assert text == decode(hf_greedy(hf, s + u + c, 8))
+    # the system prompt was prefilled once, each question and cue once
+    assert prefilled == len(prompts[0][0]) + sum(len(u) + len(c) for _, u, c in prompts)
