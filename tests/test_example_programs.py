@@ -242,3 +242,62 @@ def test_parallel_generation_forks_answer_like_fresh_prompts(pie, hf):
         assert text == decode(hf_greedy(hf, s + u + c, 8))
     # the system prompt was prefilled once, each question and cue once
     assert prefilled == len(prompts[0][0]) + sum(len(u) + len(c) for _, u, c in prompts)
+
+
+# ---- tree-, skeleton-, graph- and recursion-of-thought --------------------------------------------
+
+
+def computed(pie: Harness, run) -> tuple[str, int]:
+    """(result, tokens the model computed for it: prefilled + decoded)."""
+    before = pie.stats()
+    out = run()
+    after = pie.stats()
+    return out, sum(after[k] - before[k] for k in ("tokens_prefilled", "tokens_decoded"))
+
+
+def test_tree_of_thought_branches_share_their_parents(pie):
+    args = {"num_branches": 2, "max_tokens": 4, "seed": 5}
+    out, work = computed(pie, lambda: pie.run("tree_of_thought", args))
+    leaves = json.loads(out)
+    assert len(leaves) == 8 and len({(x["plan"], x["solution"]) for x in leaves}) <= 4
+    # 8 leaves of ~270 tokens, computed as one tree: each prompt and answer once, not once per leaf
+    assert work < sum(x["seq_len"] for x in leaves) / 3
+    assert pie.run("tree_of_thought", args) == out  # seeded per tree path: reproducible under batching
+
+
+def test_skeleton_of_thought_elaborates_every_point_from_one_prefill(pie):
+    args = {"num_points": 3, "plan_tokens": 24, "elab_tokens": 4, "seed": 3}
+    out = json.loads(pie.run("skeleton_of_thought", args))
+    assert 1 <= len(out["points"]) <= 3 and len(out["elaborations"]) == len(out["points"])
+    assert json.loads(pie.run("skeleton_of_thought", args)) == out
+    mod = example("skeleton_of_thought")
+    assert mod.parse_points("a <point>x</point> b <point> y </point><point>z</point>", 2) == ["x", "y"]
+    assert mod.parse_points("- first\n\n* second\n", 3) == ["first", "second"]
+
+
+def test_graph_of_thought_aggregates_pairs_level_by_level(pie):
+    args = {"num_proposals": 8, "proposal_tokens": 4, "aggregation_tokens": 4, "seed": 1}
+    out, work = computed(pie, lambda: pie.run("graph_of_thought", args))
+    assert len(json.loads(out)) == 2  # 8 proposals -> 4 -> 2
+    assert pie.run("graph_of_thought", args) == out
+
+
+def test_recursion_of_thought_parses_and_solves_at_max_depth(pie, hf):
+    mod = example("recursion_of_thought")
+    assert mod.parse_response("x <leaf> 15 </leaf>") == "15"
+    assert mod.parse_response("<branch>a</branch> and <branch>b</branch>") == ("a", "b")
+    assert mod.parse_response("<branch>a</branch>") is None and mod.parse_response("15") is None
+    q = "Please calculate (42 + 3) * 5 / 15."
+    out = json.loads(pie.run("recursion_of_thought", {"question": q, "max_depth": 0, "max_tokens": 6}))
+    s, u, c = chat_turns(
+        pie,
+        ("system", "You are a helpful, respectful and honest assistant."),
+        ("user", f"{mod.SOLVE} {q}"),
+        ("cue", ""),
+    )
+    assert out["trace"] == [["", "solve", out["answer"]]] and out["answer"] == decode(
+        hf_greedy(hf, s + u + c, 6)
+    )
+    deep = json.loads(pie.run("recursion_of_thought", {"question": q, "max_depth": 2, "max_tokens": 6}))
+    kinds = {kind for _, kind, _ in deep["trace"]}
+    assert deep["trace"][-1][0] == "" and kinds <= {"leaf", "branch", "merge", "solve", "error"}
