@@ -301,3 +301,18 @@ def test_recursion_of_thought_parses_and_solves_at_max_depth(pie, hf):
     deep = json.loads(pie.run("recursion_of_thought", {"question": q, "max_depth": 2, "max_tokens": 6}))
     kinds = {kind for _, kind, _ in deep["trace"]}
     assert deep["trace"][-1][0] == "" and kinds <= {"leaf", "branch", "merge", "solve", "error"}
+
+
+# ---- watermarking -----------------------------------------------------------------------------------
+
+
+def test_watermark_detector_scores_watermarked_text_above_plain_text(pie):
+    args = {"max_tokens": 32, "delta": 5.0, "gamma": 0.25, "seed": 1}
+    out = json.loads(pie.run("watermark", args))
+    wm, plain = out["watermarked"], out["plain"]
+    assert len(wm["tokens"]) >= 16 and len(plain["tokens"]) >= 16
+    assert wm["z"] > 4 and plain["z"] < 2 and wm["z"] > plain["z"] + 3
+    mod = example("watermark")
+    # the detector needs only the text's tokens and the key: another key sees no watermark
+    assert mod.z_score(wm["tokens"], 15485863, 8192, 0.25) == wm["z"]
+    assert mod.z_score(wm["tokens"], 7, 8192, 0.25) < 2.5
