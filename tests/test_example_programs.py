@@ -316,3 +316,33 @@ def test_watermark_detector_scores_watermarked_text_above_plain_text(pie):
     # the detector needs only the text's tokens and the key: another key sees no watermark
     assert mod.z_score(wm["tokens"], 15485863, 8192, 0.25) == wm["z"]
     assert mod.z_score(wm["tokens"], 7, 8192, 0.25) < 2.5
+
+
+# ---- output validation ------------------------------------------------------------------------------
+
+
+def test_output_validation_logprobs_equal_a_direct_forward(pie, hf):
+    mod = example("output_validation")
+    out = json.loads(pie.run("output_validation"))
+    assert [r["candidate"] for r in out] == mod.CANDIDATES
+    assert math.isclose(sum(r["probability"] for r in out), 1.0, abs_tol=1e-9)
+    q = 'From the sentence "The financial report was prepared by David Chen.", extract the person\'s name.'
+
+    async def prompt_ids(_):
+        from inferlet import Model, chat
+
+        m = Model.load()
+        ids = chat.system(m, "You are an expert at information extraction.") + chat.user(m, q) + chat.cue(m)
+        tok = m.tokenizer()
+        return json.dumps(
+            [
+                ids + tok.encode("The name of the person in the report is "),
+                [tok.encode(c) for c in mod.CANDIDATES],
+            ]
+        )
+
+    prompt, cands = json.loads(pie.run(prompt_ids))
+    for r, cand in zip(out, cands, strict=True):
+        lp = hf_logprobs(hf, prompt + cand)  # one causal forward over prompt + candidate
+        direct = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cand))
+        assert math.isclose(r["logprob"], direct, abs_tol=1e-3), (r, direct)
