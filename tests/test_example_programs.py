@@ -346,3 +346,73 @@ def test_output_validation_logprobs_equal_a_direct_forward(pie, hf):
         lp = hf_logprobs(hf, prompt + cand)  # one causal forward over prompt + candidate
         direct = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cand))
         assert math.isclose(r["logprob"], direct, abs_tol=1e-3), (r, direct)
+
+
+# ---- attention masks: sink, window, hierarchy ---------------------------------------------------------
+
+
+def brle_matrix(rows: list[list[int]]) -> np.ndarray:
+    """[T, T] bool from one BRLE row per token (runs alternate false/true; short rows padded false)."""
+    from inferlet import brle
+
+    return np.stack([brle.decode(r, len(rows), "row") for r in rows])
+
+
+def assert_masked_decode_matches_hf(hf, prompt: list[int], tokens: list[int], row) -> None:
+    """The masked greedy decode equals transformers run once over prompt + tokens with the same explicit
+    [T, T] mask (each token's row as it was computed), and the mask changed the answer."""
+    ids = prompt + tokens[:-1]
+    mask = brle_matrix([row(q) for q in range(len(ids))])
+    assert not np.triu(mask, 1).any()  # causal
+    lp = hf_logprobs(hf, ids, mask)
+    assert [int(lp[len(prompt) - 1 + j].argmax()) for j in range(len(tokens))] == tokens
+    assert tokens != hf_greedy(hf, prompt, len(tokens), stop=())  # unmasked greedy says something else
+
+
+def test_attention_sink_equals_transformers_with_the_same_mask(pie, hf):
+    mod = example("attention_sink")
+    args = {
+        "prompt": "Tell me a long story about a cat.",
+        "sink_size": 4,
+        "window_size": 12,
+        "max_tokens": 10,
+    }
+    out = json.loads(pie.run("attention_sink", args))
+    assert len(out["tokens"]) >= 4 and out["pages"] == -(-out["seq_len"] // PAGE_SIZE)
+    s, u, c = chat_turns(
+        pie, ("system", "You are a helpful assistant."), ("user", args["prompt"]), ("cue", "")
+    )
+    # every token stays in the KV (the mask hides them, pages are not released): the last one was not run
+    assert out["seq_len"] == len(s + u + c) + len(out["tokens"]) - (len(out["tokens"]) == args["max_tokens"])
+    assert_masked_decode_matches_hf(hf, s + u + c, out["tokens"], lambda q: mod.sink_row(q, 4, 12))
+
+
+def test_windowed_attention_equals_transformers_with_the_same_mask(pie, hf):
+    mod = example("windowed_attention")
+    args = {"prompt": "Tell me a long story about a cat.", "window_size": 10, "max_tokens": 10}
+    out = json.loads(pie.run("windowed_attention", args))
+    s, u, c = chat_turns(
+        pie, ("system", "You are a helpful assistant."), ("user", args["prompt"]), ("cue", "")
+    )
+    assert_masked_decode_matches_hf(hf, s + u + c, out["tokens"], lambda q: mod.window_row(q, 10))
+
+
+def test_hierarchical_attention_equals_transformers_with_the_same_mask(pie, hf):
+    mod = example("hierarchical_attention")
+    words = " ".join(f"word{i} cache batching" if i % 7 == 0 else f"filler{i}" for i in range(40))
+    args = {"prompt": words, "chunk_size_words": 10, "sink_tokens": 8, "local_window_tokens": 16,
+            "summary_tokens_per_chunk": 6, "max_tokens": 8}  # fmt: skip
+    out = json.loads(pie.run("hierarchical_attention", args))
+    n_chunks = -(-len(words.split()) // 10)
+    assert out["chunks"] == n_chunks and len(out["selected"]) == 1
+
+    async def plan(_):
+        from inferlet import Model
+
+        return json.dumps(mod.build_prompt(Model.load(), words, 10, 6, 1)[:3])
+
+    prompt, summaries, bodies = json.loads(pie.run(plan))
+    assert len(summaries) == n_chunks and len(bodies) == 1
+    assert_masked_decode_matches_hf(
+        hf, prompt, out["tokens"], lambda q: mod.brle_row(q, mod.hierarchy(q, 8, summaries, bodies, 16))
+    )
