@@ -416,3 +416,46 @@ def test_hierarchical_attention_equals_transformers_with_the_same_mask(pie, hf):
     assert_masked_decode_matches_hf(
         hf, prompt, out["tokens"], lambda q: mod.brle_row(q, mod.hierarchy(q, 8, summaries, bodies, 16))
     )
+
+
+# ---- modular prompt cache ---------------------------------------------------------------------------
+
+
+def test_modular_cache_second_run_prefills_only_the_changed_module(pie):
+    mod = example("modular_cache")
+    system = "You are a concise technical assistant who tests caches."  # a namespace of this test's own
+    modules = mod.default_modules("What is a page?")
+    modules[0]["text"] = system
+
+    def run(task: str) -> tuple[dict, int]:
+        ms = [dict(m) for m in modules]
+        ms[-1]["text"] = task
+        pie.rt.kv.clear_cache()  # the automatic prefix cache off the table: reuse comes from snapshots
+        before = pie.stats()["tokens_prefilled"]
+        out = json.loads(pie.run("modular_cache", {"modules": ms, "max_tokens": 2}))
+        return out, pie.stats()["tokens_prefilled"] - before
+
+    first, cold = run("What is a page?")
+    assert first["cache_hit_modules"] == 0 and len(first["saved"]) == 4
+    again, warm = run("What is a page?")
+    assert again["cache_hit_modules"] == 4 and again["saved"] == [] and again["text"] == first["text"]
+    changed, partial = run("What is a snapshot?")
+    assert changed["cache_hit_modules"] == 3 and len(changed["saved"]) == 1
+    s, u, u2, c = chat_turns(
+        pie, ("system", system), ("user", "What is a page?"), ("user", "What is a snapshot?"), ("cue", "")
+    )
+    assert warm == len(c)  # only the cue of the answer: every module came from the snapshot
+    assert partial == len(u2) + len(c)  # the changed task module and the cue, nothing else
+    assert cold > partial + len(s)
+    for name in first["saved"] + changed["saved"]:
+        pie.run(_delete(name))
+
+
+def _delete(name: str):
+    async def main(_):
+        from inferlet import Context, Model
+
+        Context.delete(Model.load(), name)
+        return ""
+
+    return main
