@@ -459,3 +459,38 @@ def _delete(name: str):
         return ""
 
     return main
+
+
+# ---- as users run them ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("beam_search", ["--beams", "2", "--max-tokens", "3"]),
+        (
+            "windowed_attention",
+            ["--window-size", "8", "--max-tokens", "4"],
+        ),  # masks over the dev driver's wire
+    ],
+)
+def test_examples_run_under_pie_run(pie, name, args, tmp_path):
+    """`pie run examples/<name>.py -- ...` in a fresh PIE_HOME (defaults: the dev driver subprocess on CPU,
+    the embedded model) prints what the in-process engine returns."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PIE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT / 'src'}"}
+    argv = [sys.executable, "-m", "pie", "run", str(EXAMPLES / f"{name}.py"), "--", *args]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from pie.cli.run_cmd import parse_inferlet_args
+
+    expected = json.loads(pie.run(name, parse_inferlet_args(args)))
+    got = json.loads(r.stdout)
+    if name == "beam_search":
+        assert [b["tokens"] for b in got] == [b["tokens"] for b in expected]
+        assert np.allclose([b["logprob"] for b in got], [b["logprob"] for b in expected], atol=1e-4)
+    else:
+        assert got["tokens"] == expected["tokens"]
