@@ -490,3 +490,15 @@ def test_examples_run_under_pie_run(pie, name, args, tmp_path):
 
     expected = json.loads(pie.run(name, parse_inferlet_args(args)))
     assert json.loads(r.stdout)["tokens"] == expected["tokens"] and len(expected["tokens"]) == 4
+
+
+def test_readme_inferlet_example_runs(pie, tmp_path):
+    """The README's inferlet (the python block) is a working program on the inferlet API."""
+    import re
+
+    (code,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert "from inferlet import" in code and "pie.sdk" not in code
+    f = tmp_path / "readme_inferlet.py"
+    f.write_text(code)
+    out = pie.run(f, {"prompt": "What does str.split do?"})
+    assert isinstance(out, str) and out == pie.run(f, {"prompt": "What does str.split do?"})  # seeded
