@@ -47,10 +47,9 @@ if TYPE_CHECKING:
     from .context import Context
 
 _UNBOUNDED = 1 << 40  # max_tokens None: until a stop token or the model's window
-# with system speculation and no draft, this many tokens run engine-side before the drafter looks again;
-# doubling (up to the max) while it finds none
+# with system speculation and no draft, this many tokens run engine-side before the drafter looks again
+# (the drafter cannot look inside an engine-side chunk: longer chunks miss more drafts)
 _SPEC_CHUNK = 4
-_SPEC_CHUNK_MAX = 32
 
 
 class Generator:
@@ -320,17 +319,13 @@ class Generator:
         """A verification step whenever the n-gram drafter has a draft; otherwise a short engine-side
         chunk (the scheduler chains its steps without waking the inferlet), then look again."""
         out: list[int] = []
-        chunk = _SPEC_CHUNK
         while not self.is_done:
             step = await self.__anext__()
             if step._drafts:
                 out += (await step.execute()).tokens
-                chunk = _SPEC_CHUNK
                 continue
             self._ctx._buffer[:0] = step._pending  # back to the buffer: the chunk runs it
-            tokens = await self._engine_side(limit=chunk)
-            # text that does not repeat itself rarely starts to: look less often (chunks pipeline better)
-            chunk = min(2 * chunk, _SPEC_CHUNK_MAX)
+            tokens = await self._engine_side(limit=_SPEC_CHUNK)
             if self._drafter is not None:
                 self._drafter.accept(tokens)
             out += tokens
