@@ -87,7 +87,6 @@ def test_samplers_have_pies_signatures_and_defaults():
 def test_unsupported_parts_import_and_raise_clear_errors():
     for call in (
         lambda: inferlet.JsonSchema("{}"),
-        lambda: inferlet.session.send("x"),
         lambda: inferlet.messaging.push("t", "m"),
         lambda: inferlet.Adapter.create(None, "a"),
         lambda: inferlet.zo.adapter_seed(None, 1),

@@ -14,7 +14,8 @@ Supported: Model / Tokenizer, Context (fillers, flush, fork / save / snapshot / 
 truncate / release), Forward (inputs, samplers, probes, logit and attention masks), Generator and GenStep,
 samplers and probes, chat fillers and Decoder, runtime basics, set_return. Importable but raising
 NotSupportedError (a PieError) when used: constraints and grammars, speculation, adapters, media and
-speech, reasoning and tools decoders, scheduling bids, messaging, session, mcp, zo, runtime.launch.
+speech, reasoning and tools decoders, scheduling bids, messaging, mcp, zo, runtime.launch. `session`
+works for inferlets launched by a client through `pie serve`.
 See docs/inferlets.md ("Pie's inferlet API").
 """
 

@@ -30,6 +30,7 @@ from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import DEFAULT_HINT, PageAllocator
 from pie.runtime.scheduler import Scheduler
 from pie.runtime.scope import InferletScope, set_scope
+from pie.runtime.session import SessionChannel
 from pie.runtime.snapshots import SnapshotStore
 
 
@@ -192,15 +193,17 @@ class Engine:
         input: dict | None = None,
         *,
         model: str | None = None,
+        session: SessionChannel | None = None,
     ) -> str:
         """Run one inferlet to completion and return its result as text.
 
         model: the model `Model.load()` gives this inferlet (default: the engine's default).
+        session: the client channel `inferlet.session` talks to (pie serve); None: no client.
         A str result is returned as is; None becomes ""; anything else is JSON (or str) encoded.
         """
         main = load_inferlet(inferlet)
         default = self.model(model).name
-        scope = InferletScope(engine=self, default_model=default)
+        scope = InferletScope(engine=self, default_model=default, session=session)
         ctx = contextvars.copy_context()
         ctx.run(set_scope, scope)
         task = asyncio.get_running_loop().create_task(main(dict(input or {})), context=ctx)

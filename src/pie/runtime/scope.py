@@ -14,6 +14,7 @@ from pie.errors import PieError
 
 if TYPE_CHECKING:
     from pie.runtime.engine import Engine
+    from pie.runtime.session import SessionChannel
 
 
 class Closable(Protocol):
@@ -26,6 +27,10 @@ class InferletScope:
     default_model: str
     resources: dict[int, Closable] = field(default_factory=dict)  # id -> open contexts, in creation order
     returned: object = None  # inferlet.set_return(value): the result when main returns None
+    # the client connection of an inferlet launched through `pie serve` (inferlet.session); None under
+    # `pie run`. Any object with send(str), send_file(bytes, name), async receive() -> str and
+    # async receive_file() -> bytes (pie.runtime.session.SessionChannel).
+    session: SessionChannel | None = None
 
     def track(self, obj: Closable) -> None:
         self.resources[id(obj)] = obj
