@@ -42,12 +42,7 @@ def checkpoints(root: str) -> dict[str, str]:
     for name in want:
         if name == "gemma4_text":
             out[name] = make_gemma4_checkpoint(
-                f"{root}/{name}",
-                name,
-                hidden_size=256,
-                head_dim=64,
-                global_head_dim=128,
-                initializer_range=0.075,
+                f"{root}/{name}", name, hidden_size=256, head_dim=64, global_head_dim=128, initializer_range=0.075
             )
         else:
             arch, over = cases[name]
