@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -52,6 +53,26 @@ def error_response(
         }
     }
     return JSONResponse(body, status_code=status)
+
+
+class _Stream(StreamingResponse):
+    """SSE that stops (and so cancels the request's inferlet) as soon as the client disconnects.
+
+    Starlette relies on send() failing to notice a gone client under ASGI 2.4, but uvicorn's send()
+    then returns silently: the generation would run to its end for nobody. Always listening for
+    http.disconnect, as Starlette does for older ASGI versions, fixes that.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
 
 
 def _sse(obj) -> bytes:
@@ -229,7 +250,7 @@ def _endpoint(kind: str):
             req, tok
         )
         if req.stream:
-            return StreamingResponse(_stream(run, fmt), media_type="text/event-stream")
+            return _Stream(_stream(run, fmt), media_type="text/event-stream")
         try:
             async for ev in run.events():
                 fmt.add(ev)
