@@ -180,3 +180,47 @@ def test_metrics_after_requests(server, client):
         if ln.startswith('pie_time_to_first_token_seconds_count{model="default"}')
     ]
     assert ttft and float(ttft[0].split()[-1]) >= 1
+
+
+def test_invalid_text_is_refused(server):
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "a\ud800b"}]}).encode()
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "not valid text" in json.loads(e.value.read())["error"]["message"]
+    bad_utf8 = b'{"model": "default", "prompt": "\xff\xfe"}'
+    req = urllib.request.Request(
+        server.url + "/v1/completions", data=bad_utf8, headers={"content-type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400
+
+
+def test_bench_serve_against_the_server(server, capsys):
+    from pie.cli.main import main
+
+    argv = [
+        "bench",
+        "serve",
+        "--base-url",
+        server.url + "/v1",
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "3",
+        "--input-len",
+        "12",
+        "--output-len",
+        "5",
+        "--json",
+    ]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    rec = json.loads(out)
+    assert rec["completed"] == 6 and rec["failed"] == 0 and rec["model"] == "default"
+    assert rec["total_output_tokens"] == 30  # ignore_eos: every request generates its 5 tokens
+    assert 0 < rec["ttft_ms_p50"] <= rec["ttft_ms_p99"] and rec["tpot_ms_mean"] > 0 and rec["itl_ms_p50"] > 0
+    assert "TTFT" in err and "output throughput" in err

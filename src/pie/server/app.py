@@ -71,6 +71,10 @@ async def health(request: Request) -> Response:
     state: ServerState = request.app.state.pie
     if not state.engine.models:
         return JSONResponse({"status": "unhealthy", "reason": "no model is running"}, status_code=503)
+    for name, rt in state.engine.models.items():
+        dead = getattr(rt.scheduler, "_dead", None)  # set when the driver failed for good
+        if dead is not None:
+            return JSONResponse({"status": "unhealthy", "reason": f"model {name!r}: {dead}"}, status_code=503)
     if not state.processes.accepting:
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok", "models": list(state.engine.models)})

@@ -121,7 +121,9 @@ class Run:
 
         async def choice(ctx, index: int, seed_offset: int) -> None:
             s = sampler if req.seed is None or seed_offset == 0 else sampler.with_seed(req.seed + seed_offset)
-            gen = ctx.generate(s, max_tokens=req.max_tokens or window, stop=req.stop or None)
+            gen = ctx.generate(
+                s, max_tokens=req.max_tokens or window, stop=req.stop or None, ignore_eos=req.ignore_eos
+            )
             async for chunk in gen:
                 self._delta(index, chunk)
             self.q.put_nowait(("done", index, gen.finish_reason, list(gen.tokens), list(gen.logprobs)))

@@ -32,6 +32,7 @@ class GenRequest:
     logprobs: bool = False
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # an extension (vLLM's too): generate max_tokens whatever the model says
 
 
 def parse_json(body: bytes, limit: int) -> dict:
@@ -103,14 +104,23 @@ def _common(d: dict, model: str, prompts: list, chat: bool) -> GenRequest:
     r.seed = _get(d, "seed", int, None, 0, 2**63 - 1)
     r.stop = _stop(d)
     r.stream = bool(_get(d, "stream", bool, False))
+    r.ignore_eos = bool(_get(d, "ignore_eos", bool, False))
     opts = _get(d, "stream_options", dict, {})
     r.include_usage = bool(opts.get("include_usage"))
     return r
 
 
+def _valid(text: str, where: str) -> str:
+    from pie.models.text import unicode_problem
+
+    if (problem := unicode_problem(text)) is not None:
+        raise ApiError(400, f"{where} is not valid text: {problem}; send UTF-8 text", "messages")
+    return text
+
+
 def _text_of(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _valid(content, where)
     if isinstance(content, list):
         parts = []
         for p in content:
@@ -119,7 +129,7 @@ def _text_of(content, where: str) -> str:
                 raise ApiError(
                     400, f"{where}: content part {kind!r} is not supported (text only)", "messages"
                 )
-            parts.append(_get(p, "text", str, ""))
+            parts.append(_valid(_get(p, "text", str, ""), where))
         return "".join(parts)
     if content is None:
         return ""
@@ -177,6 +187,9 @@ def completion_request(d: dict, model: str) -> GenRequest:
         prompts = list(p)
     else:
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+    for i, x in enumerate(prompts):
+        if isinstance(x, str):
+            _valid(x, f"prompt[{i}]")
     r = _common(d, model, prompts, chat=False)
     r.max_tokens = _get(d, "max_tokens", int, 16, 0)
     lp = _get(d, "logprobs", int, None, 0, 5)
@@ -197,7 +210,7 @@ def responses_request(d: dict, model: str) -> GenRequest:
     if instructions := _get(d, "instructions", str, None):
         msgs.append(("system", instructions))
     if isinstance(inp, str):
-        msgs.append(("user", inp))
+        msgs.append(("user", _valid(inp, "input")))
     elif isinstance(inp, list):
         msgs += _messages(
             [m for m in inp if not (isinstance(m, dict) and m.get("type") not in (None, "message"))], "input"
