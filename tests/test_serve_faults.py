@@ -47,18 +47,20 @@ async def post(port: int, path: str, body: dict, lines: int | None = None) -> tu
         + data
     )
     await writer.drain()
-    status = int((await reader.readline()).split()[1])
-    while (await reader.readline()).strip():
-        pass
-    out: list[str] = []
-    while lines is None or len(out) < lines:
-        line = await reader.readline()
-        if not line:
-            break
-        if line.startswith(b"data: ") or line.startswith(b"{"):
-            out.append(line.decode())
-    writer.close()
-    return status, out
+    try:
+        status = int((await reader.readline()).split()[1])
+        while (await reader.readline()).strip():
+            pass
+        out: list[str] = []
+        while lines is None or len(out) < lines:
+            line = await reader.readline()
+            if not line:
+                break
+            if line.startswith(b"data: ") or line.startswith(b"{"):
+                out.append(line.decode())
+        return status, out
+    finally:
+        writer.close()  # also when cancelled: the server sees the client go
 
 
 def run(coro):
@@ -114,7 +116,17 @@ def test_terminate_and_a_dropped_http_stream_free_pages(server):
             assert status == 200 and len(lines) == 3
             await _settle(c, before)
             ok, stats = await c.query("model_status", "")
-            assert json.loads(stats)["default.tokens_decoded"] < 1000  # it stopped, not ran to its end
+            decoded = json.loads(stats)["default.tokens_decoded"]
+            assert decoded < 1000  # it stopped, not ran to its end
+            # a non-streaming request whose client goes away is cancelled too
+            body["stream"] = False
+            task = asyncio.create_task(post(server.port, "/v1/completions", body))
+            await asyncio.sleep(2.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await _settle(c, before)
+            ok, stats = await c.query("model_status", "")
+            assert json.loads(stats)["default.tokens_decoded"] < decoded + 1000
 
     run(main())
 

@@ -126,6 +126,9 @@ def test_attach_list_terminate_and_users_see_only_their_own(server):
             assert await b.list_processes() == []
             with pytest.raises(Exception, match="no process"):
                 await b.attach_process(p.process_id)
+            await b.authenticate("alice")  # no auth on loopback: a client may name itself (as in Pie)
+            assert [x["id"] for x in await b.list_processes()] == [p.process_id]
+            await b.authenticate("bob")
             with pytest.raises(Exception, match="no process"):
                 await b.terminate_process(p.process_id)
             await p.terminate()

@@ -253,14 +253,25 @@ def _endpoint(kind: str):
         )
         if req.stream:
             return _Stream(_stream(run, fmt), media_type="text/event-stream")
+        watch = asyncio.create_task(_cancel_on_disconnect(request, run))
         try:
             async for ev in run.events():
                 fmt.add(ev)
         except ApiError as e:
             return error_response(e.status, str(e), e.code, e.param)
+        finally:
+            watch.cancel()
         return JSONResponse(fmt.final())
 
     return handler
+
+
+async def _cancel_on_disconnect(request: Request, run: Run) -> None:
+    """A non-streaming client that goes away cancels its inferlet (the body is read: the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.state.processes.terminate(run.proc)
 
 
 async def _stream(run: Run, fmt) -> AsyncIterator[bytes]:

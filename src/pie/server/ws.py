@@ -105,7 +105,17 @@ class Connection:
         self.respond(msg["corr_id"], True, "pong")
 
     def on_auth_identify(self, msg: dict) -> None:
-        # the identity was settled on the upgrade (token, or x-pie-identity where trusted)
+        name = msg["username"]
+        if not self.state.gate.store.enabled() and not self.state.gate.trust_identity_header:
+            # no authentication (loopback): the client names itself, as Pie's server allows then
+            if name and name != self.user:
+                self.state.processes.detach_listener(self.send)  # its processes were the old name's
+                self.user = name
+        elif name and name != self.user:
+            self.respond(
+                msg["corr_id"], False, f"authenticated as {self.user!r}; cannot identify as {name!r}"
+            )
+            return
         self.respond(msg["corr_id"], True, f"authenticated as {self.user}")
 
     def on_auth_by_token(self, msg: dict) -> None:
