@@ -3,15 +3,16 @@
 pie run examples/next_token_probe.py -- --prompt "The for statement" --k 5
 """
 
-from pie.sdk import Context, Model, Sampler
+from inferlet import Context, Distribution, Model, runtime
 
 
 async def main(input: dict) -> str:
-    model = Model.load()
-    tok = model.tokenizer
-    async with Context(model) as ctx:
-        p = ctx.forward()
-        p.input(tok.encode(input["prompt"]))
-        p.sample([-1], Sampler.dist(int(input.get("k", 5))))  # last row: the top-k distribution
-        (r,) = await p.execute()
-    return "\n".join(f"{prob:.3f}  {tok.decode([i])!r}" for i, prob in r.dist)
+    model = Model.load(runtime.models()[0])
+    tok = model.tokenizer()
+    with Context(model) as ctx:
+        ids = tok.encode(input["prompt"])
+        fwd = ctx.forward()
+        fwd.input(ids)
+        h = fwd.probe(len(ids) - 1, Distribution(1.0, int(input.get("k", 5))))  # the last row: top-k
+        token_ids, probs = (await fwd.execute()).distribution(h)
+    return "\n".join(f"{p:.3f}  {tok.decode([i])!r}" for i, p in zip(token_ids, probs, strict=True))

@@ -42,7 +42,12 @@ def checkpoints(root: str) -> dict[str, str]:
     for name in want:
         if name == "gemma4_text":
             out[name] = make_gemma4_checkpoint(
-                f"{root}/{name}", name, hidden_size=256, head_dim=64, global_head_dim=128, initializer_range=0.075
+                f"{root}/{name}",
+                name,
+                hidden_size=256,
+                head_dim=64,
+                global_head_dim=128,
+                initializer_range=0.075,
             )
         else:
             arch, over = cases[name]
@@ -55,7 +60,11 @@ def hf_logits(path: str, ids: list[int], dtype: torch.dtype) -> np.ndarray:
     from tiny_models import hf_model_class
 
     cls = hf_model_class(transformers.AutoConfig.from_pretrained(path))
-    model = cls.from_pretrained(path, dtype=dtype).to(DEV).eval()
+    model = (
+        cls.from_pretrained(path, dtype=dtype, attn_implementation="eager", experts_implementation="eager")
+        .to(DEV)
+        .eval()
+    )
     with torch.no_grad():
         out = model(torch.tensor([ids], device=DEV)).logits[0].float().cpu().numpy()
     del model
@@ -92,31 +101,36 @@ def main() -> None:
     root = tempfile.mkdtemp()
     print("arch\tconfig\tmin_cos\tmean_cos\ttop1\tmax_diff\tworst", flush=True)
     for name, path in checkpoints(root).items():
-        path = str(path)
-        import json
+        diagnose(name, str(path))
 
-        vocab = json.load(open(f"{path}/config.json")).get("vocab_size") or 256
-        ids = np.random.default_rng(7).integers(0, min(vocab, 200), PREFILL + DECODE).tolist()
-        ref = hf_logits(path, ids, torch.float32)
-        rows = {"hf-bf16": lambda: hf_logits(path, ids, torch.bfloat16)}
-        for dtype, backend, tri in [("float32", "torch", True), ("float32", "torch", False),
-                                    ("bfloat16", "torch", True), ("bfloat16", "flashinfer", True)]:  # fmt: skip
-            label = f"pie-{'fp32' if dtype == 'float32' else 'bf16'}-{'fi' if backend == 'flashinfer' else 'torch'}"
-            label = label.replace("torch", "notri") if not tri else label
 
-            def run(dtype=dtype, backend=backend, tri=tri):
-                pie.kernels.TRITON_ENABLED = tri
-                try:
-                    return pie_logits(path, ids, dtype, backend)
-                finally:
-                    pie.kernels.TRITON_ENABLED = True
+def diagnose(name: str, path: str) -> None:
+    import json
 
-            rows[label] = run
-        for label, fn in rows.items():
+    vocab = json.load(open(f"{path}/config.json")).get("vocab_size") or 256
+    ids = np.random.default_rng(7).integers(0, min(vocab, 200), PREFILL + DECODE).tolist()
+    ref = hf_logits(path, ids, torch.float32)
+    rows = {"hf-bf16": lambda: hf_logits(path, ids, torch.bfloat16)}
+    for dtype, backend, tri in [("float32", "torch", True), ("float32", "torch", False),
+                                ("bfloat16", "torch", True), ("bfloat16", "flashinfer", True)]:  # fmt: skip
+        label = (
+            f"pie-{'fp32' if dtype == 'float32' else 'bf16'}-{'fi' if backend == 'flashinfer' else 'torch'}"
+        )
+        label = label.replace("torch", "notri") if not tri else label
+
+        def run(dtype=dtype, backend=backend, tri=tri):
+            pie.kernels.TRITON_ENABLED = tri
             try:
-                print(f"{name}\t{label}\t{compare(fn(), ref)}", flush=True)
-            except Exception as e:  # one configuration failing must not hide the others
-                print(f"{name}\t{label}\tERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
+                return pie_logits(path, ids, dtype, backend)
+            finally:
+                pie.kernels.TRITON_ENABLED = True
+
+        rows[label] = run
+    for label, fn in rows.items():
+        try:
+            print(f"{name}\t{label}\t{compare(fn(), ref)}", flush=True)
+        except Exception as e:  # one configuration failing must not hide the others
+            print(f"{name}\t{label}\tERROR {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,10 @@ def test_values_and_shorthands() -> None:
         (DEV + "[runtime]\nsnapshot_dir = 3\n", ["[runtime]: 'snapshot_dir' must be a string, got 3"]),
         ("runtime = 3\n" + DEV, ["'runtime' must be a table ([runtime])"]),
         ("runtim = 3\n" + DEV, ["top level: unknown key 'runtim'", "did you mean 'runtime'?"]),
-        (CUDA + "tensor_parallel_size = 2\ndevice = ['cuda:0', 'cuda:1']\n",
-         ["tensor_parallel_size = 2 is not implemented yet"]),
+        (CUDA + "tensor_parallel_size = 3\ndevice = ['cuda:0', 'cuda:1']\n",
+         ["give one device per tensor-parallel rank: tensor_parallel_size = 3 but 2 devices are listed"]),
+        (DEV + "tensor_parallel_size = 2\ndevice = ['cpu', 'cuda:0']\n", ["mixes cpu and cuda devices"]),
+        (CUDA + "tensor_parallel_size = 2\ndevice = ['cuda:0', 'cuda:0']\n", ["lists a device twice"]),
         # models
         ("[[model]]\nname = 'a'\n[[model]]\nname = 'b'\n[[model]]\nname = 'a'\n",
          ["duplicate model name 'a' (blocks 1 and 3)"]),
@@ -151,9 +153,16 @@ def test_validation_errors(text: str, expected: list[str]) -> None:
         assert part in msg, (part, msg)
 
 
-def test_no_follow_on_errors() -> None:
-    msg = error_of(CUDA + "tensor_parallel_size = 2\ndevice = ['cuda:0', 'cuda:1']\n")
-    assert "not implemented yet" in msg and "problems" not in msg  # no spurious device-count error
+def test_tensor_parallel_devices() -> None:
+    gpu = parse(CUDA + "tensor_parallel_size = 2\ndevice = ['cuda:0', 'cuda:1']\n").default_model.driver
+    assert (gpu.tensor_parallel_size, gpu.device, gpu.activation_dtype) == (
+        2,
+        ["cuda:0", "cuda:1"],
+        "bfloat16",
+    )
+    # CPU ranks are processes on one host: "cpu" may repeat (the CI tests' layout)
+    cpu = parse(DEV + "tensor_parallel_size = 2\ndevice = ['cpu', 'cpu']\n").default_model.driver
+    assert (cpu.device, cpu.activation_dtype) == (["cpu", "cpu"], "float32")
 
 
 def test_all_problems_reported_together() -> None:

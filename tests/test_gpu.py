@@ -177,7 +177,8 @@ class Seqs:
         while len(pages) * self.ps < new:
             pages.append(self.free.pop())
         self.lens[sid] = new
-        req = dict(token_ids=list(map(int, ids)), positions=list(range(old, new)) if positions is None else positions,
+        req = dict(state_slot=sid,  # hybrid models' recurrent-state slot (ignored by the others)
+                   token_ids=list(map(int, ids)), positions=list(range(old, new)) if positions is None else positions,
                    pages=list(pages), last_page_len=new - (len(pages) - 1) * self.ps, outputs=list(range(len(ids))),
                    return_logits=True)  # fmt: skip
         if mask is not None:
@@ -186,15 +187,54 @@ class Seqs:
 
 
 _HF: dict[str, torch.nn.Module] = {}
+# transformers' reference runs its plainest code: eager attention (on CUDA it may pick sdpa or a hub kernel,
+# which drop Gemma 2's attention soft-cap and GPT-OSS's sinks: gemma2 / gpt_oss "failed" at cos 0.3 / 0.6) and
+# the per-expert loop (its default grouped_mm experts on CUDA are suspect for GPT-OSS)
+EAGER = {"attn_implementation": "eager", "experts_implementation": "eager"}
 
 
 def hf_logits(path, ids) -> np.ndarray:
     if str(path) not in _HF:
         _HF[str(path)] = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32
+            str(path), dtype=torch.float32, **EAGER
         ).eval()
     with torch.no_grad():
         return _HF[str(path)](torch.tensor([list(ids)])).logits[0].numpy()
+
+
+def hf_cuda_logits(path, ids, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """transformers on CUDA (eager attention), one full forward over ids: [len(ids), V] float32 logits."""
+    from tiny_models import hf_model_class
+
+    key = f"{path}:{dtype}"
+    if key not in _HF:
+        cls = hf_model_class(transformers.AutoConfig.from_pretrained(str(path)))
+        _HF[key] = cls.from_pretrained(str(path), dtype=dtype, **EAGER).to("cuda:0").eval()
+    with torch.no_grad():
+        return _HF[key](torch.tensor([list(ids)], device="cuda:0")).logits[0].float().cpu().numpy()
+
+
+def hf_cuda_cached_logits(path, prompt, steps, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """transformers on CUDA (eager): `prompt` with a cache, then each of `steps` one token at a time, the
+    rows pie outputs for the same calls (LongRoPE switches sets mid-sequence only this way)."""
+    from test_parity_moe import _CACHE_ARG, _cache_of
+
+    hf_cuda_logits(path, prompt[:1], dtype)  # loads and caches the model
+    model = _HF[f"{path}:{dtype}"]
+    with torch.no_grad():
+        out = model(torch.tensor([list(prompt)], device="cuda:0"), use_cache=True)
+        rows, cache = [out.logits[0]], _cache_of(out)
+        for t in steps:
+            out = model(torch.tensor([[t]], device="cuda:0"), **{_CACHE_ARG: cache}, use_cache=True)
+            rows.append(out.logits[0])
+            cache = _cache_of(out)
+    return torch.cat(rows).float().cpu().numpy()
+
+
+def logit_stats(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    """(min cosine, mean cosine, top-1 agreement) of got's rows against ref's."""
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    return float(cos.min()), float(cos.mean()), float((got.argmax(-1) == ref.argmax(-1)).mean())
 
 
 def assert_logits_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> None:
@@ -207,6 +247,33 @@ def assert_logits_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> Non
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.3
     assert np.array_equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{what}: top-1 differs"
+
+
+def assert_bf16_parity(ours: np.ndarray, ref: np.ndarray, hf16: np.ndarray, what: str) -> None:
+    """pie in bf16 against transformers fp32 (ref), judged beside transformers' own bf16 run (hf16) on the
+    same tokens (rows: [N, V]).
+
+    - Cosine: min >= 0.999 (the issue's bar) where transformers' bf16 reaches it. Tiny random checkpoints of
+      some families are chaotic in bf16 (Gemma 3/4: transformers' own bf16 run reaches min cosine 0.6-0.97,
+      measured on an H200); there pie's min must be within 0.03 of transformers' and its mean within 0.002.
+    - Top-1: >= 99% agreement on the rows whose fp32 top-2 margin is clear (> 0.1; a closer race is decided
+      by bf16 rounding, for transformers' bf16 as for pie's), or within 5 points of transformers' bf16 there
+      where it misses 99% itself (MoE routing flips and the chaotic tiny Gemma 4); overall within 5 points.
+    Exactness of the GPU code itself is judged in fp32 (check_fp32_against_hf in test_gpu_families.py)."""
+    mine, theirs = logit_stats(ours, ref), logit_stats(hf16, ref)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1
+    clear_top1 = float((ours.argmax(-1) == ref.argmax(-1))[clear].mean()) if clear.any() else 1.0
+    their_clear = float((hf16.argmax(-1) == ref.argmax(-1))[clear].mean()) if clear.any() else 1.0
+    if os.environ.get("PIE_PARITY_LOG"):
+        with open(os.environ["PIE_PARITY_LOG"], "a") as f:
+            f.write(f"{what}\tpie min/mean cos, top1 = {mine[0]:.6f} {mine[1]:.6f} {mine[2]:.3f}"
+                    f" (clear rows {clear_top1:.3f} of {int(clear.sum())}, hf-bf16 {their_clear:.3f})"
+                    f"\thf-bf16 = {theirs[0]:.6f} {theirs[1]:.6f} {theirs[2]:.3f}\n")  # fmt: skip
+    detail = f"{what}: pie (min cos, mean cos, top-1) {mine}, top-1 on clear rows {clear_top1:.3f}; transformers bf16 {theirs}"
+    assert mine[0] >= min(0.999, theirs[0] - 0.03), detail
+    assert mine[1] >= min(0.9995, theirs[1] - 0.002), detail
+    assert clear_top1 >= min(0.99, their_clear - 0.05) and mine[2] >= theirs[2] - 0.05, detail
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +292,12 @@ def tiny_fi(tmp_path_factory):
     return make
 
 
-def cuda_executor(path, page_size: int, backend: str = "flashinfer", num_pages: int = 256):
+def cuda_executor(
+    path, page_size: int, backend: str = "flashinfer", num_pages: int = 256, dtype: str = "bfloat16"
+):
     from pie.drivers.executor import ModelExecutor
 
-    spec = ExecutorSpec(model_path=str(path), device="cuda:0", activation_dtype="bfloat16", page_size=page_size,
+    spec = ExecutorSpec(model_path=str(path), device="cuda:0", activation_dtype=dtype, page_size=page_size,
                         num_pages=num_pages, attention_backend=backend)  # fmt: skip
     ex = ModelExecutor(spec)
     assert ex.capabilities.extra["attention_backend"] == backend

@@ -11,21 +11,20 @@ global layers (head_dim 512, beyond FlashInfer 0.6.3's 64/128/256) run on the to
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
-import torch
 from gemma4_tiny import GEMMA4_ARCHS, make_gemma4_checkpoint
 from gpu_marks import needs_flashinfer
 from test_cuda_graphs import _cuda_executor
-from test_gpu import Seqs, assert_logits_close
-from test_gpu_families import check_bf16_against_hf, check_graph_decode_matches_eager
+from test_gpu_families import (
+    check_bf16_against_hf,
+    check_fp32_against_hf,
+    check_graph_decode_matches_eager,
+    check_real_shape,
+)
 
-from pie.drivers.protocol import make_batch
-
-GPU_SHAPES = dict(hidden_size=256, head_dim=64, global_head_dim=128, initializer_range=0.075)
-_HF: dict[str, torch.nn.Module] = {}
+# init std 0.03, not test_gpu.TINY's 0.075: at 0.075 the tiny Gemma 4 is chaotic in bf16 (transformers' own bf16
+# run reached min cosine 0.62 against its fp32, H200), which leaves a bf16 comparison nothing to judge
+GPU_SHAPES = dict(hidden_size=256, head_dim=64, global_head_dim=128, initializer_range=0.03)
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +39,6 @@ def g4gpu(tmp_path_factory):
     return make
 
 
-def hf_logits(path, ids) -> np.ndarray:
-    import transformers
-
-    if str(path) not in _HF:
-        cfg = transformers.AutoConfig.from_pretrained(str(path))
-        cls = (
-            transformers.AutoModelForImageTextToText
-            if cfg.model_type == "gemma4"
-            else transformers.AutoModelForCausalLM
-        )
-        _HF[str(path)] = cls.from_pretrained(str(path), dtype=torch.float32).to("cuda:0").eval()
-    with torch.no_grad():
-        return _HF[str(path)](torch.tensor([list(ids)], device="cuda:0")).logits[0].float().cpu().numpy()
-
-
 @pytest.mark.gpu
 @needs_flashinfer
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -63,7 +47,14 @@ def test_gemma4_bf16_flashinfer_matches_hf_fp32(g4gpu, arch, page_size):
     path = g4gpu(arch)
     ex = _cuda_executor(path, False, ps=page_size, num_pages=512)
     assert ex.capabilities.extra["attention_backend"] == "flashinfer" and not ex.backend.has_fallback
-    check_bf16_against_hf(ex, path, arch, page_size, hf_logits)
+    check_bf16_against_hf(ex, path, arch, page_size)
+
+
+@pytest.mark.gpu
+@needs_flashinfer
+@pytest.mark.parametrize("arch", GEMMA4_ARCHS)
+def test_gemma4_fp32_cuda_matches_hf_fp32(g4gpu, arch):
+    check_fp32_against_hf(g4gpu(arch), arch)
 
 
 @pytest.mark.gpu
@@ -80,25 +71,5 @@ def test_gemma4_real_shape_bf16_matches_hf_fp32(tmp_path):
     """gemma-4-e2b's real head dims (256 sliding, 512 global), 8 heads over 1 KV head, PLE 256 and the
     double-wide shared layers, cut to 10 layers [s s s s f] x 2 with the last 4 KV-shared and the window
     shortened to 64; transformers' own random init."""
-    import transformers
-
-    from pie.bench import load_model_config
-
-    cfg, _ = load_model_config("gemma-4-e2b")
     kinds = (["sliding_attention"] * 4 + ["full_attention"]) * 2
-    cfg = dict(cfg, num_hidden_layers=10, layer_types=kinds, num_kv_shared_layers=4, sliding_window=64)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    hf_cfg = transformers.AutoConfig.from_pretrained(str(tmp_path))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    model.save_pretrained(str(tmp_path))
-    model = model.to("cuda:0").eval()
-    ex = _cuda_executor(tmp_path, False, ps=16, num_pages=128)
-    seqs, rng = Seqs(ex.num_pages, 16, seed=1), np.random.default_rng(3)
-    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (7, 90, 200)]
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], 16)
-    res = ex.execute(batch)
-    for i, (p, ours) in enumerate(zip(prompts, np.split(res.logits, batch.qo_indptr[1:-1]), strict=True)):
-        with torch.no_grad():
-            ref = model(torch.tensor([p], device="cuda:0")).logits[0].float().cpu().numpy()
-        assert_logits_close(ours, ref, f"gemma-4-e2b real shape seq {i}")
+    check_real_shape(tmp_path, "gemma-4-e2b", layers=10, layer_types=kinds, num_kv_shared_layers=4)

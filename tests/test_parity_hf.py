@@ -39,6 +39,7 @@ class PagedSeqs:
             pages.append(self.free.pop())
         self.lens[sid] = new
         req = dict(
+            state_slot=sid,  # hybrid models' recurrent-state slot (ignored by the others)
             token_ids=[int(t) for t in token_ids],
             positions=list(range(old, new)) if positions is None else [int(p) for p in positions],
             pages=list(pages),
@@ -63,7 +64,9 @@ def hf_model(path) -> torch.nn.Module:
     key = str(path)
     if key not in _HF:
         cls = hf_model_class(transformers.AutoConfig.from_pretrained(key))
-        _HF[key] = cls.from_pretrained(key, dtype=torch.float32).eval()
+        _HF[key] = cls.from_pretrained(
+            key, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+        ).eval()
     return _HF[key]
 
 

@@ -209,8 +209,14 @@ def test_factory_maps_config_options_to_the_executor_spec(tmp_path):
     assert (spec.kv_policy, spec.page_size, spec.max_dist_size, spec.weight_dtype) == ("dev", 16, 5, "auto")
     assert isinstance(create_driver(dev, in_process=True), InProcessDriver)
     tp = ModelEntry("c", str(model), DriverConfig("dev", ["cpu", "cpu"], 2, "float32", DevOptions()))
-    with pytest.raises(ConfigError, match="tensor parallelism is not implemented"):
-        executor_spec(tp)
+    spec = executor_spec(tp)
+    assert (spec.tensor_parallel_size, spec.devices, spec.device) == (2, ["cpu", "cpu"], "cpu")
+    # 6 query heads do not split over 4 ranks: said before any process starts
+    tp4 = ModelEntry("d", str(model), DriverConfig("dev", ["cpu"] * 4, 4, "float32", DevOptions()))
+    with pytest.raises(
+        ConfigError, match="num_attention_heads = 6 is not divisible by tensor_parallel_size 4"
+    ):
+        executor_spec(tp4)
 
 
 def test_unsupported_model_type_fails_before_a_driver_starts(tmp_path):

@@ -42,7 +42,7 @@ async def echo_session(prompt: str, times: int = 1):
     got = await session.receive()
     session.send({"got": got, "times": times})
     data = await session.receive_file()
-    session.send_file(data[::-1], "reversed.bin")
+    session.send_file(data[::-1])
     return {"prompt": prompt, "models": inferlet.runtime.models()}
 
 
@@ -81,7 +81,7 @@ def test_ping_run_signal_file_and_return(server):
             assert (Event.Stdout, "hello from tests\n") in events
             assert (Event.Message, json.dumps({"got": "ping!", "times": 3})) in events
             files = [v for e, v in events if e == Event.File]
-            assert len(files) == 1 and bytes(files[0]) == payload[::-1] and files[0].name == "reversed.bin"
+            assert len(files) == 1 and bytes(files[0]) == payload[::-1]
             assert events[-1] == (Event.Return, json.dumps({"prompt": "tests", "models": ["default"]}))
             # the same source again is not re-uploaded; running it generates with the engine
             assert await c.check_program(generate.program) is False

@@ -43,6 +43,10 @@ _YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
 # MoE and fused-weight families (tests/test_parity_moe.py), each with its quirks switched on
 MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen3_moe_norm", "phi3", "phi3_longrope", "gpt_oss")
 PHI3_ORIGINAL_MAX = 24  # LongRoPE switch of the tiny phi3_longrope: prompts and decodes cross it
+# Hybrid (recurrent + attention) families (tests/test_qwen3_5.py): Qwen 3.5's text model and its multimodal
+# wrapper; 6 layers (Gated DeltaNet, Gated DeltaNet, gated attention, twice), grouped value heads (4 value
+# heads over 2 key heads) with dk 16 != dv 8, conv kernel 4, partial rotary 0.5 of head_dim 16
+HYBRID_ARCHS = ("qwen3_5_text", "qwen3_5")
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A programmable serving system lets small programs drive
@@ -107,6 +111,8 @@ def _hf_config(arch: str, vocab: int, special: dict[str, int], overrides: dict):
             "original_max_position_embeddings": 64,
         }
     kw = {**common, "rope_parameters": rope}
+    if arch in HYBRID_ARCHS:
+        return _qwen3_5_config(arch, {**common, **overrides})
     if arch in FAMILY_ARCHS:  # overrides reach the text config (e.g. FlashInfer-sized heads on the GPU)
         common = {k: v for k, v in {**common, **overrides}.items() if k != "num_hidden_layers"}
         return _family_config(arch, common)
@@ -204,6 +210,22 @@ def _family_config(arch: str, common: dict):
     return tf.Mistral3Config(text_config=text.to_dict(), vision_config=vision)
 
 
+def _qwen3_5_config(arch: str, common: dict):
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1], "mrope_interleaved": True}  # fmt: skip
+    layers = ["linear_attention", "linear_attention", "full_attention"] * 2
+    text = tf.Qwen3_5TextConfig(**{**common, "num_hidden_layers": 6}, layer_types=layers, rope_parameters=rope,
+                                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                linear_value_head_dim=8, linear_conv_kernel_dim=4)  # fmt: skip
+    if arch == "qwen3_5_text":
+        return text
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=common["hidden_size"],
+                  num_position_embeddings=16, patch_size=14)  # fmt: skip
+    return tf.Qwen3_5Config(text_config=text.to_dict(), vision_config=vision, tie_word_embeddings=False)
+
+
 # Older config layouts: the keys transformers 4 wrote, per family (applied to config.json after saving).
 def _legacy_keys(arch: str, cfg: dict) -> dict:
     drop = {"rope_parameters", "layer_types"}
@@ -286,9 +308,10 @@ def save_tokenizer(tok, out: Path) -> None:
 
 def hf_model_class(config):
     """The transformers auto class that builds a config's model with an LM head (mistral3 is registered
-    for image-text-to-text only)."""
+    for image-text-to-text only, and so is gemma4's wrapper; qwen3_5's causal-LM class is its text model
+    alone)."""
     import transformers as tf
 
-    if getattr(config, "model_type", None) == "mistral3":
+    if getattr(config, "model_type", None) in ("mistral3", "gemma4", "qwen3_5"):
         return tf.AutoModelForImageTextToText
     return tf.AutoModelForCausalLM

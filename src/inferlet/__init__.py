@@ -11,11 +11,11 @@ An inferlet written for Pie's Python SDK runs under `pie run` unchanged:
         return await ctx.generate(Sampler.top_p(0.6, 0.95), max_tokens=256).collect_text()
 
 Supported: Model / Tokenizer, Context (fillers, flush, fork / save / snapshot / open / take / delete /
-truncate / release), Forward (inputs, samplers, probes, logit and attention masks), Generator and GenStep,
-samplers and probes, chat fillers and Decoder, runtime basics, set_return. Importable but raising
-NotSupportedError (a PieError) when used: constraints and grammars, speculation, adapters, media and
-speech, reasoning and tools decoders, scheduling bids, messaging, mcp, zo, runtime.launch. `session`
-works for inferlets launched by a client through `pie serve`.
+truncate / release, set_bid / idle / suspend), Forward (inputs, samplers, probes, logit and attention masks),
+Generator and GenStep, samplers and probes, the chat, reasoning and tools decoders in each roster model's
+native format, runtime (with launch), messaging, session, scheduling, set_return, constraints (llguidance
+grammars) and speculation (custom speculators, system n-gram drafting). Importable but raising
+NotSupportedError (a PieError) when used: adapters, media and speech, mcp, zo.
 See docs/inferlets.md ("Pie's inferlet API").
 """
 

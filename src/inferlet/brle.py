@@ -28,14 +28,11 @@ def decode(runs, length: int, what: str) -> np.ndarray:
 
 def encode(mask) -> list[int]:
     """BRLE runs of a bool vector (the inverse of decode, without trailing padding)."""
-    m = np.asarray(mask, dtype=bool)
-    runs: list[int] = []
-    cur, n = False, 0
-    for v in m.tolist():
-        if v == cur:
-            n += 1
-        else:
-            runs.append(n)
-            cur, n = v, 1
-    runs.append(n)
-    return runs
+    m = np.asarray(mask, dtype=bool).reshape(-1)
+    if m.size == 0:
+        return [0]
+    # run boundaries where the value flips; a leading True run gets an empty False run first
+    edges = np.flatnonzero(m[1:] != m[:-1]) + 1
+    bounds = np.concatenate([[0], edges, [m.size]])
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if m[0] else runs

@@ -7,6 +7,7 @@ depend on earlier turns.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pie.sdk.chat import ChatText, content_spans
@@ -26,6 +27,7 @@ _TURN_ENDS = (
     "</s>",
 )
 _PROBE = "\ue000pie\ue001"  # a user message no template rewrites
+_MARKUP = re.compile(r"<[^<>\s]+>|\[/?[A-Z_]+\]")  # <tool_call>, </think>, <|im_end|>, [TOOL_CALLS]
 
 
 def _render(model: Model, messages: list[dict], gen: bool) -> str:
@@ -80,7 +82,10 @@ def stop_tokens(model: Model) -> list[int]:
     tok = model._pie.tokenizer
     out = list(tok.eos_token_ids)
     template = str(getattr(tok.hf, "chat_template", "") or "")
+    harmony = tok.token_id("<|channel|>") is not None  # GPT-OSS: <|end|> ends a message, not the turn
     for s in _TURN_ENDS:
+        if harmony and s == "<|end|>":
+            continue
         i = tok.token_id(s)
         if i is not None and s in template and i not in out:
             out.append(i)
@@ -119,17 +124,40 @@ AnyEvent = Event.Idle | Event.Delta | Event.Done | Event.Interrupt
 
 
 class Decoder:
-    """Feed generated token batches in order; one event per feed()."""
+    """Feed generated token batches in order; one event per feed().
 
-    __slots__ = ("_model", "_stop", "_special", "_detok", "_text")
+    Visible text only: a thinking span (Qwen's `<think>`, Magistral's `[THINK]`, Gemma 4's `<|channel>`; the
+    span the generation prompt opens included) and GPT-OSS harmony's non-final channels (analysis, tool
+    calls) are not text of the reply; reasoning.Decoder and tools.Decoder read them. Control tokens of those
+    formats are not Interrupts; other control tokens are.
+    """
+
+    __slots__ = ("_model", "_stop", "_special", "_detok", "_text", "_think", "_opens", "_inside", "_harmony",
+                 "_hmode", "_hhead", "_hvisible")  # fmt: skip
 
     def __init__(self, model: Model) -> None:
+        from ._textstream import model_format  # here: _textstream imports this module's neighbours
+        from .reasoning import _cue_opens
+
         self._model = model
         self._stop = set(stop_tokens(model))
-        hf = model._pie.tokenizer.hf
-        self._special = {int(i) for i, t in hf.added_tokens_decoder.items() if t.special} | set(
-            hf.all_special_ids
-        )
+        tok = model._pie.tokenizer
+        hf = tok.hf
+        # control tokens: special ones, and added markup tokens that tokenizers leave non-special (Qwen's
+        # <tool_call>, <think>): text decoding keeps those, but they are not words of the reply
+        self._special = {
+            int(i) for i, t in hf.added_tokens_decoder.items() if t.special or _MARKUP.fullmatch(t.content)
+        } | set(hf.all_special_ids)
+        fmt = model_format(model)
+        self._harmony: dict[str, int] = {}
+        self._think: tuple[int, int] | None = None
+        if fmt.name == "harmony":
+            names = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>")
+            self._harmony = {n: i for n in names if (i := tok.token_id(n)) is not None}
+        elif fmt.think is not None:
+            ids = (tok.token_id(fmt.think[0]), tok.token_id(fmt.think[1]))
+            self._think = ids if None not in ids else None  # type: ignore[assignment]
+        self._opens = self._think is not None and _cue_opens(model, fmt.think)  # type: ignore[arg-type]
         self.reset()
 
     def feed(self, tokens: list[int]) -> AnyEvent:
@@ -139,6 +167,8 @@ class Decoder:
             if t in self._stop:  # end of turn: the text before it is the last of the reply
                 self._text += self._detok.push(visible) + self._detok.flush()
                 return Event.Done(self._text)
+            if not self._shown(t):
+                continue
             if t in self._special:
                 interrupt = t if interrupt is None else interrupt
             else:
@@ -149,6 +179,31 @@ class Decoder:
             return Event.Interrupt(interrupt)
         return Event.Delta(new) if new else Event.Idle()
 
+    def _shown(self, t: int) -> bool:
+        """False for the tokens of a thinking span or a non-final harmony message, and their markers."""
+        if self._think is not None:
+            if t == self._think[0] or t == self._think[1]:
+                self._inside = t == self._think[0]
+                return False
+            return not self._inside
+        if not self._harmony:
+            return True
+        h = self._harmony
+        if t in (h.get("<|start|>"), h.get("<|channel|>"), h.get("<|end|>")):
+            self._hmode, self._hvisible = "header", False
+            if t != h.get("<|channel|>"):
+                self._hhead = []
+            return False
+        if t == h.get("<|message|>"):
+            head = self._model._pie.tokenizer.decode(self._hhead)
+            self._hmode, self._hvisible = "body", "final" in head and "to=" not in head
+            self._hhead = []
+            return False
+        if self._hmode == "header":
+            self._hhead.append(t)
+            return False
+        return self._hvisible
+
     def finish(self) -> str:
         """The text held back at the end (an incomplete character decodes as U+FFFD); pie's extension."""
         rest = self._detok.flush()
@@ -158,3 +213,5 @@ class Decoder:
     def reset(self) -> None:
         self._detok = self._model._pie.tokenizer.detokenizer()
         self._text = ""
+        self._inside = self._opens
+        self._hmode, self._hhead, self._hvisible = "header", [], False

@@ -238,12 +238,35 @@ class Context:
 
     # ---- scheduling hints -------------------------------------------------------------------------
     def set_bid(self, value: float) -> None:
-        unsupported("scheduling bids (Context.set_bid)", "pie's scheduler does not take bids yet")
+        """This context's priority under memory pressure (Pie's bid; 0.0, the default, is no bid): when
+        pages run out, idle contexts go first, then the lowest bid. Unlike Pie, where the Generator re-bids
+        each step, the value stays until changed. See inferlet.scheduling."""
+        value = float(value)
+        if value != value or value < 0.0:  # NaN or negative
+            raise ValueError(f"a bid is a number >= 0 (0.0: no bid), got {value}")
+        self._inner._seq.priority = value
 
     @contextmanager
     def idle(self):
-        unsupported("scheduling bids (Context.idle)", "pie's scheduler does not take bids yet")
-        yield
+        """While the block runs (e.g. awaiting a tool), this context is the first to give its pages up under
+        memory pressure; its bid comes back on exit:
+
+            with ctx.idle():
+                result = await call_tool()
+        """
+        seq = self._inner._seq
+        saved = seq.priority
+        seq.priority = float("-inf")  # below every bid: the first victim (pie.runtime.scheduler._victim)
+        try:
+            yield
+        finally:
+            seq.priority = saved
+
+    def suspend(self) -> int:
+        """Give the context's device pages back now (to host swap slots, or dropped to be recomputed); they
+        are restored before its next pass. Returns the pages freed (Pie's Rust SDK has suspend)."""
+        self._check_open()
+        return self._inner._rt.scheduler.suspend(self._inner._seq)
 
     # ---- media ------------------------------------------------------------------------------------
     async def append_image(self, image) -> None:

@@ -70,7 +70,7 @@ class _Slot:
 class Forward:
     """One forward pass; build with Context.forward(), then `await execute()` (once)."""
 
-    __slots__ = ("_ctx", "_inputs", "_explicit", "_slots", "_mask", "_attn", "_drain", "_done")
+    __slots__ = ("_ctx", "_inputs", "_explicit", "_slots", "_mask", "_mask_job", "_attn", "_drain", "_done")
 
     def __init__(self, ctx: Context, *, drain_buffer: bool = True) -> None:
         self._ctx = ctx
@@ -78,6 +78,9 @@ class Forward:
         self._explicit: list[tuple[list[int], list[int]]] = []
         self._slots: list[_Slot | None] = []  # None: a reserved slot that reads as nothing
         self._mask: np.ndarray | None = None
+        # an awaitable of the [V] bool mask, computed on the host while the device runs the pass (a
+        # constrained generation step); awaited when the logits are back
+        self._mask_job = None
         self._attn: list[list[int]] | None = None
         self._drain = drain_buffer
         self._done = False
@@ -191,6 +194,7 @@ class Forward:
             for r, row in enumerate(self._attn):
                 attn[nb + r] = brle.decode(row, kv_end, f"attention_mask row {r}")
 
+        masked = self._mask is not None or self._mask_job is not None
         # one driver output row per slot: what the driver computes for it
         vocab = ctx.model.vocab_size
         max_dist = inner._rt.capabilities.max_dist_size
@@ -207,10 +211,10 @@ class Forward:
             row = _PieSampler().row()
             if s.sampler is not None:
                 row = s.sampler._pie.row(s.seed)
-                if self._mask is not None:  # sampled on the host from the masked logits
+                if masked:  # sampled on the host from the masked logits
                     row = _PieSampler(want_logits=True).row()
             elif isinstance(s.probe, Distribution):
-                if 0 < s.probe.k <= max_dist and self._mask is None:
+                if 0 < s.probe.k <= max_dist and not masked:
                     row = _PieSampler(temp=s.probe.temperature, dist_k=s.probe.k).row()
                 else:
                     row = _PieSampler(want_logits=True).row()
@@ -231,6 +235,8 @@ class Forward:
         outputs = [nb + s.index for s in slots]
 
         res: ForwardResult = await inner._run(ids, positions, outputs, rows, attn, want_entropy)
+        if self._mask_job is not None:
+            self._mask = await self._mask_job
         if explicit_ids:  # scoring-only tokens leave the KV
             inner.truncate(len(explicit_ids))
         return Output(self._decode(res, slots, rows))

@@ -133,8 +133,8 @@ class Model:
         return self._tokenizer
 
     def default_system_speculation(self) -> bool:
-        """Whether greedy generation uses a system drafter by default (pie has none yet: False)."""
-        return False
+        """Whether greedy generation drafts with the system n-gram speculator by default (it does)."""
+        return True
 
     def speak(self, text: str):
         unsupported("speech synthesis (Model.speak)")

@@ -1,8 +1,10 @@
-"""Pie's `inferlet.session`: messages and files between the inferlet and the client that launched it.
+"""Pie's `inferlet.session`: messages and files to and from the inferlet's client.
 
-Works for inferlets launched through `pie serve` (the client's signal_process / transfer_file arrive
-at receive() / receive_file(); send() / send_file() become the client's `message` / `file` events).
-Under `pie run` there is no client: every call raises NoSessionError (a PieError) that says so.
+Under `pie run` the client is the terminal: send() streams to stderr (to stdout with `pie run --stream`),
+send_file() writes a temporary file and names it on stderr, receive() reads a line of stdin when stdin is
+not a terminal (`printf 'hi\\n' | pie run my.py`), receive_file() reads a line naming a file. Under a server
+the client is the connection. A launched child inferlet has no client: its calls raise SessionError.
+The contract a front end implements is pie.runtime.session.Session.
 """
 
 from __future__ import annotations
@@ -11,33 +13,39 @@ import json as _json
 from typing import Any
 
 from pie.runtime.scope import current_scope
-from pie.runtime.session import require_session
+from pie.runtime.session import NoSession, Session
 
 
-def _channel():
-    return require_session(current_scope().session)
+def _session() -> Session:
+    s = current_scope().session
+    if s is None:
+        return NoSession(
+            "this inferlet has no client session (Engine.run_inferlet was called without session=)"
+        )
+    return s
 
 
 def send(message: Any) -> None:
-    """Send a message to the client: a str verbatim, anything else as JSON (as Pie's SDK does)."""
+    """Send a message to the client. Strings are sent verbatim; objects with `model_dump_json` use it;
+    anything else is JSON-encoded (json.dumps, default=str), as Pie's SDK does."""
     if not isinstance(message, str):
         dump = getattr(message, "model_dump_json", None)
         message = dump() if callable(dump) else _json.dumps(message, default=str)
-    _channel().send(message)
+    _session().send(message)
 
 
 async def receive() -> str:
-    """The next text message the client sent to this process."""
-    return await _channel().receive()
+    """Receive a text message from the client (waits for one)."""
+    return await _session().receive()
 
 
-def send_file(data: bytes, name: str | None = None) -> None:
-    """Send binary data to the client (`name`: a suggested file name)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+def send_file(data: bytes) -> None:
+    """Send binary file data to the client."""
+    if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"send_file takes bytes, got {type(data).__name__}")
-    _channel().send_file(bytes(data), name)
+    _session().send_file(bytes(data))
 
 
 async def receive_file() -> bytes:
-    """The next file the client transferred to this process."""
-    return await _channel().receive_file()
+    """Receive binary file data from the client."""
+    return await _session().receive_file()

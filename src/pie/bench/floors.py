@@ -19,6 +19,12 @@ picks k of E uniformly, E * (1 - (1 - k / E)^B) (exactly k at B = 1; ~E for B >>
 random-weight benchmarks route like; skewed real routing touches fewer. Compute counts k experts per token.
 GPT-OSS (gpt_oss / gptoss) adds a sink logit per query head, a router bias and biases on both expert
 projections (2 I + H per expert). Sliding-window layers are counted as full attention.
+
+Hybrid models (qwen3_5_text): Gated DeltaNet layers (`layer_types` "linear_attention") have no KV; their
+mixer is the fused in-projection (q|k|v, z, b, a), the depthwise conv, dt_bias, A_log, the gated norm and
+out_proj; full-attention layers' q_proj is twice as wide (the output gate). attention_per_layer is then the
+mean over layers. A decode step also reads and writes every sequence's recurrent state (conv window in the
+activation dtype, delta state in fp32).
 """
 
 from __future__ import annotations
@@ -98,6 +104,27 @@ def _num_kv_heads(cfg: dict) -> int:
     return int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
 
 
+def _linear_layers(cfg: dict) -> int:
+    return sum(1 for t in cfg.get("layer_types") or [] if t == "linear_attention")
+
+
+def _gdn_shape(cfg: dict) -> tuple[int, int, int, int, int]:
+    """Gated DeltaNet (conv_dim, value_dim, value heads, dk, dv) of a hybrid config."""
+    hk, hv = int(cfg.get("linear_num_key_heads", 16)), int(cfg.get("linear_num_value_heads", 32))
+    dk, dv = int(cfg.get("linear_key_head_dim", 128)), int(cfg.get("linear_value_head_dim", 128))
+    return 2 * hk * dk + hv * dv, hv * dv, hv, dk, dv
+
+
+def recurrent_state_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
+    """Bytes of one sequence's recurrent state across the linear-attention layers (0 for other models)."""
+    n = _linear_layers(cfg)
+    if not n:
+        return 0
+    conv_dim, _, hv, dk, dv = _gdn_shape(cfg)
+    k = int(cfg.get("linear_conv_kernel_dim", 4))
+    return n * (conv_dim * (k - 1) * dtype_bytes + hv * dk * dv * 4)
+
+
 def param_counts(cfg: dict) -> ParamCounts:
     """Parameter counts of a dense decoder from its HF config dict."""
     hidden, vocab = int(cfg["hidden_size"]), int(cfg["vocab_size"])
@@ -115,6 +142,14 @@ def param_counts(cfg: dict) -> ParamCounts:
     gpt_oss = model_type in ("gpt_oss", "gptoss")
     if gpt_oss:
         attn += heads  # sink logits
+    n_linear = _linear_layers(cfg)
+    if n_linear:  # hybrid: gated q_proj on the attention layers, Gated DeltaNet on the others
+        layers = int(cfg["num_hidden_layers"])
+        full = attn + hidden * q_out + 2 * hd  # the gate half of q_proj, q/k norms
+        conv_dim, value_dim, hv, _, dv = _gdn_shape(cfg)
+        k = int(cfg.get("linear_conv_kernel_dim", 4))
+        gdn = hidden * (conv_dim + value_dim + 2 * hv) + conv_dim * k + 2 * hv + dv + value_dim * hidden
+        attn = round(((layers - n_linear) * full + n_linear * gdn) / layers)
     inter = int(cfg["intermediate_size"])
     mlp = 3 * hidden * inter + (2 * inter + hidden if cfg.get("mlp_bias") else 0)
     tied = bool(cfg.get("tie_word_embeddings", False))
@@ -152,8 +187,9 @@ def _moe_shape(cfg: dict) -> tuple[int, int, int, int]:
 
 
 def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
-    """Bytes of K and V of one token across all layers."""
-    return 2 * int(cfg["num_hidden_layers"]) * _num_kv_heads(cfg) * _head_dim(cfg) * dtype_bytes
+    """Bytes of K and V of one token across all layers (hybrid models: the attention layers only)."""
+    layers = int(cfg["num_hidden_layers"]) - _linear_layers(cfg)
+    return 2 * layers * _num_kv_heads(cfg) * _head_dim(cfg) * dtype_bytes
 
 
 def decode_weight_bytes(cfg: dict, dtype_bytes: int = 2, batch: int = 1) -> int:
@@ -163,9 +199,11 @@ def decode_weight_bytes(cfg: dict, dtype_bytes: int = 2, batch: int = 1) -> int:
 
 
 def decode_step_bytes(cfg: dict, batch: int, mean_kv_len: float, dtype_bytes: int = 2) -> float:
-    """Bytes one decode step of `batch` sequences must read: weights once + every sequence's KV."""
+    """Bytes one decode step of `batch` sequences must move: weights once + every sequence's KV (+ its
+    recurrent state, read and written, for hybrid models)."""
     weights = decode_weight_bytes(cfg, dtype_bytes, batch)
-    return weights + batch * mean_kv_len * kv_bytes_per_token(cfg, dtype_bytes)
+    state = 2 * recurrent_state_bytes(cfg, dtype_bytes)
+    return weights + batch * (mean_kv_len * kv_bytes_per_token(cfg, dtype_bytes) + state)
 
 
 def decode_floor_s(

@@ -215,3 +215,28 @@ def print_table(record: dict, file: IO[str]) -> None:
             label += f" ({f['of_executor']:.0%} of executor)"
         table.add_row(label, _fmt(f["value"]), _fmt(f["floor"]), f["unit"], f"{f['ratio']:.2f}")
     Console(file=file, width=120).print(table)
+    tp = record.get("tensor_parallel")
+    if tp:
+        print_tensor_parallel(tp, record, file)
+
+
+def print_tensor_parallel(tp: dict, record: dict, file: IO[str]) -> None:
+    """The ranks' layout and each step's collectives timed alone, beside the measured step (floors in the
+    table above are one device's: with N ranks each reads 1/N of the weights)."""
+    print(f"tensor parallel: {tp['size']} ranks", file=file)
+    for r in tp["layout"]:
+        print(
+            f"  rank {r['rank']} {r['device']}: weights {r['weights_bytes'] / 2**30:.2f} GiB, "
+            f"KV cache {r['kv_cache_bytes'] / 2**30:.2f} GiB",
+            file=file,
+        )
+    steps = {}
+    for f in record["figures"]:
+        if f["name"].startswith("decode_"):
+            steps[f"decode_b{f['batch']}"] = f["step_ms"] / 1e3
+        elif f["name"] == "prefill_tokens_per_s":
+            steps["prefill"] = f["pass_ms"] / 1e3
+    for name, s in tp["collective_s"].items():
+        step = steps.get(name)
+        share = f" of a {step * 1e3:.3f} ms step ({s / step:.0%})" if step else ""
+        print(f"  {name}: collectives {s * 1e3:.3f} ms{share}", file=file)

@@ -43,6 +43,8 @@ class BenchOptions:
     profile_batch: int = 64
     cuda_graphs: bool = True  # decode through CUDA graphs (CUDA with FlashInfer only; ignored elsewhere)
     e2e_steps: int = 0  # > 0: also generate this many tokens per inferlet through the runtime and SDK
+    tensor_parallel_size: int = 1  # > 1: one process per device in `devices` (pie.drivers.tp)
+    devices: tuple[str, ...] = ()  # one per rank; () means (device,)
 
     @property
     def decode_steps_total(self) -> int:
@@ -109,6 +111,7 @@ def _batch(
         seed=np.full(R, -1, np.int64),
         dist_k=np.zeros(R, np.int32),
         return_logits=np.zeros(R, bool),
+        state_slots=np.arange(R, dtype=np.int32),  # hybrid models: sequence r's recurrent-state slot
     )
 
 
@@ -187,6 +190,7 @@ def fill_context(executor, batch: int, opts: BenchOptions, vocab: int, rng) -> N
         n = min(per_pass, batch - first)
         b = prefill_batch(np.full(n, opts.context), pps, opts.page_size, vocab, rng)
         b.kv_page_indices = b.kv_page_indices + np.int32(first * pps)  # shift to sequences first..first+n-1
+        b.state_slots = b.state_slots + np.int32(first)
         executor.execute(b)
 
 
@@ -273,6 +277,9 @@ class Measurements:
     capabilities: dict  # the executor's Capabilities as a dict (backend, dtype, pages, ...)
     cuda_graphs: dict | None = None  # GraphStats.summary() of the run; None when graphs were off
     e2e: list = field(default_factory=list)  # e2e.E2EFigure per batch size (bench --e2e)
+    # tensor parallelism: size, per-rank layout (device, weight and KV bytes), and the seconds the
+    # collectives of one step take alone, per decode batch and for the prefill pass; None at size 1
+    tensor_parallel: dict | None = None
 
 
 def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
@@ -289,9 +296,12 @@ def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
             opts.chunk_tokens, opts.prefill_requests * opts.prefill_len, max(opts.batch_sizes)
         ),
         max_batch_size=max(max(opts.batch_sizes), opts.prefill_requests),
+        state_slots=max(max(opts.batch_sizes), opts.prefill_requests),  # hybrid models: one per sequence
         attention_backend=opts.attention_backend,
         cuda_graphs=opts.cuda_graphs,
         random_weights=random_weights,
+        tensor_parallel_size=opts.tensor_parallel_size,
+        devices=list(opts.devices or (opts.device,)),
     )
 
 
@@ -299,7 +309,8 @@ def run_benchmark(
     model_path: str, opts: BenchOptions, random_weights: bool, progress: Progress
 ) -> Measurements:
     """Ceilings first (while the device is empty), then one executor for every decode run and the prefill."""
-    from pie.drivers.executor import ModelExecutor, resolve_device
+    from pie.drivers.executor import resolve_device
+    from pie.drivers.tp import build_executor
 
     device = resolve_device(opts.device)
     progress(f"measuring copy bandwidth and bf16 matmul rate on {device}")
@@ -315,7 +326,18 @@ def run_benchmark(
         from pie.drivers.cuda_native import resolve_attention_backend
 
         spec = dataclasses.replace(spec, attention_backend=resolve_attention_backend(spec))
-    executor = ModelExecutor(spec, progress=True)
+    executor = build_executor(spec, progress=True)  # a group of processes at tensor_parallel_size > 1
+    try:
+        return _measure(executor, opts, bandwidth, matmul, progress)
+    finally:
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()
+
+
+def _measure(
+    executor, opts: BenchOptions, bandwidth: float, matmul: float, progress: Progress
+) -> Measurements:
     caps = executor.capabilities
     progress(
         f"executor ready: attention backend {caps.extra.get('attention_backend')}, dtype {caps.dtype}, "
@@ -346,4 +368,27 @@ def run_benchmark(
                 f"{after['eager_decode_batches'] - before['eager_decode_batches']} decode batches eager "
                 f"(last refusal: {after['last_refusal']})"
             )
-    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs, e2e)
+    tp = None
+    if opts.tensor_parallel_size > 1:
+        tp = tensor_parallel_figures(executor, opts, progress)
+    return Measurements(bandwidth, matmul, decode, prefill, caps.to_wire(), graphs, e2e, tp)
+
+
+def tensor_parallel_figures(executor, opts: BenchOptions, progress: Progress) -> dict:
+    """The group's layout and, per decode batch and for the prefill pass, the seconds its collectives take
+    alone (2 all-reduces per layer, the embedding's, the logits' all-gather; graph-captured on CUDA)."""
+    layout = executor.capabilities.extra["tp_layout"]
+    for r in layout:
+        progress(
+            f"rank {r['rank']} on {r['device']}: weights {r['weights_bytes'] / 2**30:.2f} GiB, "
+            f"KV cache {r['kv_cache_bytes'] / 2**30:.2f} GiB"
+        )
+    collectives = {}
+    for b in opts.batch_sizes:
+        collectives[f"decode_b{b}"] = executor.time_collectives(b, b)
+    if opts.prefill_requests:
+        tokens = opts.prefill_requests * opts.prefill_len
+        collectives["prefill"] = executor.time_collectives(tokens, opts.prefill_requests, iters=5)
+    for k, v in collectives.items():
+        progress(f"{k}: collectives alone {v * 1e3:.3f} ms per step")
+    return {"size": opts.tensor_parallel_size, "layout": layout, "collective_s": collectives}

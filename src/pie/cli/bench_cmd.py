@@ -55,6 +55,20 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--device", default=None, help="device (default: the model's configured device, else cuda:0)"
     )
     p.add_argument(
+        "--tensor-parallel-size",
+        "--tp",
+        type=int,
+        default=1,
+        help="split the model over this many devices, one process each (default 1); the report adds the "
+        "layout and the time the collectives of each step take alone",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="one device per tensor-parallel rank, comma separated (default: --device's index and the next "
+        "ones, e.g. cuda:0,cuda:1; cpu repeated on cpu)",
+    )
+    p.add_argument(
         "--dtype",
         default=None,
         choices=("bfloat16", "float16", "float32"),
@@ -149,8 +163,28 @@ def parse_options(args: argparse.Namespace, device: str, dtype: str):
         profile_path=args.profile,
         profile_batch=64 if 64 in batches else max(batches),
         cuda_graphs=getattr(args, "cuda_graphs", True),
+        tensor_parallel_size=_positive("tensor-parallel-size", getattr(args, "tensor_parallel_size", 1)),
+        devices=rank_devices(
+            device, getattr(args, "tensor_parallel_size", 1), getattr(args, "devices", None)
+        ),
         e2e_steps=_positive("e2e-steps", args.e2e_steps) if getattr(args, "e2e", False) else 0,
     )
+
+
+def rank_devices(device: str, tp: int, given: str | None) -> tuple[str, ...]:
+    """The device of each tensor-parallel rank: --devices, else `device` and the following CUDA indices
+    (cpu repeated)."""
+    if given:
+        devices = tuple(d.strip() for d in given.split(",") if d.strip())
+        if len(devices) != tp:
+            raise ConfigError(
+                f"--devices lists {len(devices)} devices for --tensor-parallel-size {tp}; give one per rank"
+            )
+        return devices
+    if device.startswith("cuda"):
+        first = int(device.partition(":")[2] or 0)
+        return tuple(f"cuda:{first + r}" for r in range(tp))
+    return (device,) * tp
 
 
 def _resolve_model(
@@ -241,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     # when the executor ran without graphs (CPU, torch attention, or turned off)
     record["settings"]["cuda_graphs"] = opts.cuda_graphs
     record["cuda_graphs"] = meas.cuda_graphs
+    record["tensor_parallel"] = meas.tensor_parallel
     if args.json:
         print(json.dumps(record, indent=2))
         print_table(record, sys.stderr)

@@ -48,6 +48,7 @@ def doctor(args) -> int:
     checks += config_checks
     if config is not None:
         checks += _default_model(config)
+        checks += _tensor_parallel(config)
     failed = [c for c in checks if c.required and not c.ok]
     width = max(len(c.name) for c in checks)
     for c in checks:
@@ -159,6 +160,59 @@ def _config(path) -> tuple[object | None, list[Check]]:
             Check("config", True, f"no file at {where}: using the defaults (pie config init writes one)")
         ]
     return config, [Check("config", True, f"{where}: valid, {len(config.models)} model(s)")]
+
+
+def _tensor_parallel(config) -> list[Check]:
+    """Each model configured with tensor_parallel_size > 1: its ranks, their devices, and each rank's weight
+    bytes and KV bytes per page (its shard, sized on the meta device), or why the model does not split."""
+    from pie.drivers.tp import layout_estimate
+    from pie.models.hub import resolve_model_dir
+
+    out = []
+    for entry in config.models:
+        d = entry.driver
+        if d.tensor_parallel_size == 1:
+            continue
+        name = f"tensor parallel ({entry.name})"
+        try:
+            path = resolve_model_dir(entry.hf_repo)
+            page = getattr(d.options, "kv_page_size", 32)
+            layout = layout_estimate(str(path), d.tensor_parallel_size, d.activation_dtype, page)
+        except PieError as e:
+            out.append(
+                Check(name, False, str(e), "set a tensor_parallel_size that divides the model's heads")
+            )
+            continue
+        missing = _missing_devices(d.device)
+        ranks = ", ".join(
+            f"rank {r['rank']} {dev}: weights {r['weights_bytes'] / 2**30:.2f} GiB, "
+            f"KV {r['kv_page_bytes'] / 2**10:.0f} KiB/page of {page}"
+            for r, dev in zip(layout, d.device, strict=True)
+        )
+        detail = f"{d.tensor_parallel_size} ranks, one process each: {ranks}"
+        if missing:
+            out.append(
+                Check(
+                    name,
+                    False,
+                    f"{detail}; not visible here: {', '.join(missing)}",
+                    "list devices that exist",
+                )
+            )
+        else:
+            out.append(Check(name, True, detail))
+    return out
+
+
+def _missing_devices(devices: list[str]) -> list[str]:
+    """The CUDA devices of `devices` that torch cannot see here."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        count = 0
+    return [dev for dev in devices if dev.startswith("cuda") and int(dev.partition(":")[2] or 0) >= count]
 
 
 def _default_model(config) -> list[Check]:

@@ -6,6 +6,11 @@ Trailing ARGS become the input dict: `--max-tokens 64 --prompt "Hi" --ignore-eos
 {"max_tokens": 64, "prompt": "Hi", "ignore_eos": true}; values parse as int, float, bool
 (true/false), else string; `--key=value` works too. `--input JSON` gives a dict directly
 (trailing ARGS override its keys).
+
+The inferlet's session (inferlet.session) is the terminal: session.send() messages stream to stderr as
+they come, or to stdout with --stream (before the result); session.receive() reads lines of stdin when
+stdin is piped (`echo hi | pie run agent.py`); a file sent is written to a temporary folder
+whose path is printed on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ def register(subparsers, common) -> None:
     p.add_argument("--input", metavar="JSON", help="the inferlet's input dict as a JSON object")
     p.add_argument(
         "--model", metavar="NAME", help="the model Model.load() returns (default: the config's first)"
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="write the inferlet's session.send() messages to stdout as they come (default: stderr)",
     )
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # tests: no subprocess driver
     p.add_argument("inferlet", metavar="NAME_OR_PATH", help="text-completion, raw-completion, or a .py file")
@@ -92,10 +102,11 @@ def split_rest(args: argparse.Namespace) -> list[str]:
     rest = list(args.rest)
     while rest and rest[0] != "--":
         opt, eq, value = rest[0].partition("=")
-        if opt not in ("--input", "--model", "--in-process"):
+        if opt not in ("--input", "--model", "--in-process", "--stream"):
             break
-        if opt == "--in-process":
-            args.in_process, rest = True, rest[1:]
+        if opt in ("--in-process", "--stream"):
+            setattr(args, opt[2:].replace("-", "_"), True)
+            rest = rest[1:]
             continue
         if not eq:
             if len(rest) < 2:
@@ -153,19 +164,24 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     config.model(args.model)  # an unknown --model fails now, listing the configured names
+    from pie.runtime.session import StdioSession
+
     stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # only the result goes to stdout
+    session = StdioSession(stdout if getattr(args, "stream", False) else sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):  # only the result (and --stream messages) go to stdout
         result = asyncio.run(
-            _run(config, main, input, args.model, args.in_process, bool(getattr(args, "verbose", 0)))
+            _run(config, main, input, args.model, args.in_process, bool(getattr(args, "verbose", 0)), session)
         )
     if result is None:
         return 1
+    if session.out is stdout and not session.at_line_start:
+        print(file=stdout)  # the result goes on a line of its own after streamed messages
     print(result, file=stdout, flush=True)
     return 0
 
 
 async def _run(
-    config, main, input: dict, model: str | None, in_process: bool, verbose: bool = False
+    config, main, input: dict, model: str | None, in_process: bool, verbose: bool = False, session=None
 ) -> str | None:
     from pie.runtime.engine import Engine
 
@@ -173,7 +189,7 @@ async def _run(
     try:
         await engine.start()
         try:
-            result = await engine.run_inferlet(main, input, model=model)
+            result = await engine.run_inferlet(main, input, model=model, session=session)
             if verbose:
                 for name, rt in engine.models.items():
                     st = " ".join(f"{k}={v}" for k, v in rt.stats().items())

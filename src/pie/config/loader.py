@@ -67,8 +67,14 @@ def _check_devices(
                 f'{where}: device "cpu" is valid for driver type dev only; cuda_native needs "cuda:N" '
                 f'(or set type = "dev")'
             )
-    if len(set(devices)) != len(devices):
+    gpus = [d for d in devices if d != "cpu"]  # CPU ranks are separate processes on one host: may repeat
+    if len(set(gpus)) != len(gpus):
         errors.append(f"{where}: 'device' lists a device twice: {fmt_value(devices)}")
+    elif gpus and len(gpus) != len(devices):
+        errors.append(
+            f"{where}: 'device' mixes cpu and cuda devices ({fmt_value(devices)}); every tensor-parallel rank "
+            "runs on the same kind of device"
+        )
     elif devices and tp is not None and len(devices) != tp:
         errors.append(
             f"{where}: give one device per tensor-parallel rank: tensor_parallel_size = {tp} but "
@@ -94,7 +100,7 @@ def _check_driver(errors: list[str], raw: Any, model_where: str) -> DriverConfig
         devices_raw = ["cpu"] if dtype == "dev" else ["cuda:0"]
     devices = _check_devices(errors, where, dtype or "", devices_raw, tp)
     if "activation_dtype" not in raw and devices:
-        vals["activation_dtype"] = "float32" if devices == ["cpu"] else "bfloat16"
+        vals["activation_dtype"] = "float32" if all(d == "cpu" for d in devices) else "bfloat16"
     if dtype is None:
         return None  # the type error is reported; options cannot be checked without a type
     opt_where = f"{model_where} [model.driver.options]"

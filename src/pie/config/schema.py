@@ -139,7 +139,7 @@ class DriverConfig:
         "(default: cuda:0 for cuda_native, cpu for dev)",
     )
     tensor_parallel_size: int = opt(
-        1, "number of devices the model is split across", ge=1, unimplemented=lambda v: v > 1
+        1, "number of devices the model is split across (one process per device; 'device' lists them)", ge=1
     )
     activation_dtype: str = opt(
         "bfloat16",

@@ -18,7 +18,8 @@ stays eager (it branches on host values).
 Capture is lazy, the first time a bucket is needed: two warm-up runs on a side stream (Triton compiles,
 cuBLAS workspaces, RoPE tables, FlashInfer's cached buffers), then torch.cuda.graph with one memory pool
 shared by all buckets (safe: one replay at a time, and each replay's logits are consumed before the next).
-Capture inputs are padding rows only, so real KV pages are never touched. A capture failure turns graphs
+Capture inputs are padding rows only, so real KV pages are never touched. Hybrid models (a state pool):
+each row's state slot and "fresh" flag are static inputs too; padding rows use the pool's scratch slot. A capture failure turns graphs
 off for this executor (logged with the reason); the batch then runs eagerly.
 """
 
@@ -37,6 +38,7 @@ import torch
 from pie.attention.base import AttentionBackend, AttentionMetadata
 from pie.drivers.protocol import ForwardBatch
 from pie.layers.attention import ForwardContext
+from pie.layers.gated_deltanet import RecurrentBatch
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +132,18 @@ def pad_decode(batch: ForwardBatch, bucket: int, page_size: int, scratch_page: i
 
 
 def ineligible_reason(
-    batch: ForwardBatch, buckets: tuple[int, ...], page_capacity: Callable[[int], int]
+    batch: ForwardBatch,
+    buckets: tuple[int, ...],
+    page_capacity: Callable[[int], int],
+    needs_slots: bool = False,
 ) -> str | None:
     """Why `batch` cannot replay a decode graph (None when it can). page_capacity(B): most KV page
     indices (real + padding) a bucket-B graph holds. Output rows need no check: with T == R every
     valid output row is some request's single token."""
     if batch.mask is not None:
         return "the batch has a custom mask"
+    if batch.state_slots is None and needs_slots:
+        return "the batch names no state slots"
     R, T = batch.num_requests, batch.num_tokens
     if T != R:
         return "a request has more than one new token"
@@ -206,8 +213,11 @@ class DecodeGraphRunner:
         max_position: int,
         device: torch.device,
         capture: bool = True,
+        state_pool=None,
     ) -> None:
+        """state_pool: the executor's StatePool (hybrid models; it must have a scratch slot), else None."""
         self.model, self.kv_caches, self.make_attention = model, kv_caches, make_attention
+        self.state_pool = state_pool
         self.page_size, self.scratch_page, self.device = page_size, scratch_page, torch.device(device)
         self.capture = capture
         self.buckets = decode_buckets(max_batch_size)
@@ -228,6 +238,9 @@ class DecodeGraphRunner:
         # Host-only: FlashInfer's plan() reads these on the host and copies them into its own buffers.
         self._indptr_host = torch.zeros(bmax + 1, dtype=torch.int32, **pin)
         self._last_host = torch.ones(bmax, dtype=torch.int32, **pin)
+        # hybrid models: rows of state slots and fresh flags (0/1), bucket B reads [:, :B]
+        self._rec = torch.zeros(2, bmax, dtype=torch.int64, device=self.device)
+        self._rec_host = torch.zeros(2, bmax, dtype=torch.int64, **pin)
         self._staged = torch.cuda.Event() if cuda else None  # recorded after each step's input copies
         self._stream = torch.cuda.Stream(device=self.device) if cuda and capture else None
         self._pool = torch.cuda.graph_pool_handle() if cuda and capture else None
@@ -240,7 +253,7 @@ class DecodeGraphRunner:
     def accepts(self, batch: ForwardBatch) -> bool:
         if self.stats.disabled is not None:
             return False
-        reason = ineligible_reason(batch, self.buckets, self.page_capacity)
+        reason = ineligible_reason(batch, self.buckets, self.page_capacity, self.state_pool is not None)
         if reason is not None and batch.num_tokens == batch.num_requests:
             self.stats.eager_decode += 1
             self.stats.last_refusal = reason
@@ -256,9 +269,13 @@ class DecodeGraphRunner:
         if bucket is None:
             return None
         padded = pad_decode(batch, B, self.page_size, self.scratch_page)
+        slots = None
+        if self.state_pool is not None:
+            slots = np.full(B, self.state_pool.scratch_slot, np.int64)
+            slots[:R] = batch.state_slots
         # inference mode: the buffers plan() refills were created under it (capture runs under it)
         with torch.inference_mode(), _on_device(self.device):
-            self._stage(bucket, padded)
+            self._stage(bucket, padded, slots)
             if feed is not None:  # generation steps whose token is the previous batch's output
                 feed(self._ids_pos[0, :R])
             bucket.attn.plan(bucket.meta)
@@ -337,8 +354,9 @@ class DecodeGraphRunner:
             is_decode=True,
         )
 
-    def _stage(self, bucket: _Bucket, p: PaddedDecode) -> None:
-        """Write the padded batch into the static buffers (two H2D copies) and the bucket's metadata."""
+    def _stage(self, bucket: _Bucket, p: PaddedDecode, slots: np.ndarray | None = None) -> None:
+        """Write the padded batch into the static buffers (two H2D copies; a third for the state slots of
+        hybrid models) and the bucket's metadata."""
         B, P, bmax = bucket.size, p.kv_page_indices.shape[0], self._bmax
         if self._staged is not None:
             self._staged.synchronize()  # the previous step's copies have read the pinned staging
@@ -351,6 +369,11 @@ class DecodeGraphRunner:
         self._last_host.numpy()[:B] = p.kv_last_page_len
         self._ids_pos.copy_(self._ids_pos_host, non_blocking=True)  # all of it: 32 * bmax bytes
         self._i32[: bmax + P].copy_(self._i32_host[: bmax + P], non_blocking=True)
+        if slots is not None:
+            rec = self._rec_host.numpy()
+            rec[0, :B] = slots
+            rec[1, :B] = p.kv_lens == 1  # a row's one token at KV slot 0: its state starts from zero
+            self._rec.copy_(self._rec_host, non_blocking=True)
         m = bucket.meta
         m.kv_page_indices = self._i32[bmax : bmax + P]
         m.kv_page_indices_host = p.kv_page_indices
@@ -359,14 +382,29 @@ class DecodeGraphRunner:
     def _capture(self, B: int) -> _Bucket:
         attn = self.make_attention(B, self.page_capacity(B))
         meta = self._static_meta(B, attn)
-        bucket = _Bucket(B, attn, meta, ForwardContext(meta=meta, backend=attn, kv_caches=self.kv_caches))
+        ctx = ForwardContext(meta=meta, backend=attn, kv_caches=self.kv_caches)
+        slots = None
+        pool = self.state_pool
+        if pool is not None:
+            ctx.recurrent = RecurrentBatch(
+                conv_states=pool.conv,
+                delta_states=pool.delta,
+                slots=self._rec[0, :B],
+                fresh=self._rec[1, :B],
+                qo_indptr=list(range(B + 1)),
+                fresh_host=[True] * B,  # unused: a decode batch takes the batched path
+                is_decode=True,
+            )
+            slots = np.full(B, pool.scratch_slot, np.int64)
+        bucket = _Bucket(B, attn, meta, ctx)
         empty = np.zeros(0, np.int64)
-        # Padding rows only: the warm-up runs write K/V to the scratch page and nowhere else.
+        # Padding rows only: the warm-up runs write K/V to the scratch page (and state to the scratch slot)
+        # and nowhere else.
         padded = pad_decode_arrays(
             empty, empty, np.zeros(1, np.int32), empty, empty, B, self.page_size, self.scratch_page
         )
         with _on_device(self.device):
-            self._stage(bucket, padded)
+            self._stage(bucket, padded, slots)
             attn.plan(meta)
             if not self.capture:
                 return bucket
@@ -431,6 +469,7 @@ def flashinfer_graph_runner(executor) -> DecodeGraphRunner | None:
         max_batch_size=spec.max_batch_size,
         max_position=cfg.max_position_embeddings,
         device=dev,
+        state_pool=executor.state_pool,
     )
     log.info("CUDA graphs on for decode batches of up to %d requests (buckets %s)", buckets[-1], buckets)
     return runner

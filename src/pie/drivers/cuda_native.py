@@ -97,7 +97,8 @@ class CudaNativeDriver(InProcessDriver):
     ) -> None:
         if ready_timeout_s <= 0 or shutdown_timeout_s <= 0:
             raise DriverError("cuda_native: ready_timeout_s and shutdown_timeout_s must be > 0")
-        check_cuda(spec.device)
+        for device in spec.devices or [spec.device]:  # one per tensor-parallel rank
+            check_cuda(device)
         spec = dataclasses.replace(spec, attention_backend=resolve_attention_backend(spec))
         super().__init__(spec)
         self.ready_timeout_s = ready_timeout_s

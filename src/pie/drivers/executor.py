@@ -10,8 +10,18 @@ logits of the O output rows (fp32) -> sampling -> one host copy at the end. With
 (FlashInfer attention), pure decode batches replay a captured graph instead of the eager forward
 (pie.drivers.cuda_graphs); the KV cache then has one scratch page beyond the num_pages it reports.
 
+Tensor parallelism (spec.tensor_parallel_size > 1): this executor is one rank's, built inside the group
+pie.drivers.tp set up (pie.distributed): the model holds its shard, the KV cache its KV heads, the page
+count is the smallest any rank can afford (every rank names the same pages); only rank 0 samples, and it
+broadcasts the sampled tokens so the next batch's prev_token_rows feed the same ids on every rank.
+
 Page ops: `page_ops(PageOps)` copies, swaps (host pool of spec.swap_slots pages), reads and writes whole KV
 pages through pie.drivers.page_mover, on the same stream as forward passes.
+
+Hybrid models (recurrent layers: Qwen 3.5's Gated DeltaNet) also own a recurrent-state pool
+(pie.drivers.state_pool) of spec.state_slots slots; batches name each request's slot (state_slots), the
+layers update them in place, and PageOps copy, read and write whole slots. CUDA graphs are off for them
+(their decode graphs gather and scatter the state slots too; padding rows use a scratch slot).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 
 from pie.attention import create_backend
 from pie.attention.base import AttentionMetadata
+from pie.distributed import all_gather_object, broadcast_, prepare_fast_all_reduce, tp_rank, tp_size
 from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, kv_layer_groups, page_bytes, plan_num_pages
 from pie.drivers.page_mover import PageMover
@@ -38,8 +49,10 @@ from pie.drivers.protocol import (
 )
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
+from pie.drivers.state_pool import DEFAULT_SLOTS, StatePool
 from pie.errors import DriverError
 from pie.layers.attention import ForwardContext, attention_params
+from pie.layers.gated_deltanet import RecurrentBatch
 from pie.layers.norm import RMSNorm
 from pie.models.config import read_model_config
 from pie.models.registry import get_model_class
@@ -123,6 +136,15 @@ class ModelExecutor:
             raise DriverError(f"page_size must be >= 1, got {spec.page_size}")
         self.model_config = cfg = read_model_config(spec.model_path)
         model_cls = get_model_class(cfg.model_type)
+        self.tp, self.tp_rank = tp_size(), tp_rank()
+        if self.tp != spec.tensor_parallel_size:
+            raise DriverError(
+                f"tensor_parallel_size {spec.tensor_parallel_size} but this process is in a group of {self.tp}; "
+                "build tensor-parallel executors through pie.drivers.tp.build_executor"
+            )
+        problem = tensor_parallel_problem(cfg, model_cls, self.tp)
+        if problem is not None:
+            raise DriverError(problem)
 
         free_before = free_memory_bytes(self.device)
         # Meta-device construction allocates nothing; to_empty then materializes each parameter once,
@@ -135,23 +157,50 @@ class ModelExecutor:
         else:
             load_weights(model, spec.model_path, progress=progress)
         self.model = model.eval().requires_grad_(False)
+        if self.tp > 1:  # one-shot all-reduces for decode-sized sums (CUDA; every rank, in step)
+            prepare_fast_all_reduce(self.dtype)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # allocated before the KV plan reads free memory, so the pages are planned around it
+        self.state_pool: StatePool | None = None
+        graphs = spec.cuda_graphs and self.device.type == "cuda"
+        if cfg.recurrent_layers:
+            slots = spec.state_slots or min(spec.max_batch_size, DEFAULT_SLOTS)
+            self.state_pool = StatePool(cfg, slots, self.dtype, self.device, scratch=1 if graphs else 0)
         free_after = free_memory_bytes(self.device)
 
-        pbytes = page_bytes(cfg, spec.page_size, self.dtype)
+        pbytes = page_bytes(cfg, spec.page_size, self.dtype, self.tp)
         act_bytes = torch.empty((), dtype=self.dtype).element_size()
-        self.num_pages = plan_num_pages(
-            spec, pbytes, self.weights_bytes, free_before, free_after, model_config=cfg, act_bytes=act_bytes
-        )
+        planned: int | str
+        try:
+            # the state pool is memory the pages cannot have, like the weights (policies that plan from the
+            # free memory before loading subtract it; those that measure after loading already see it gone)
+            resident = self.weights_bytes + (0 if self.state_pool is None else self.state_pool.nbytes)
+            planned = plan_num_pages(
+                spec,
+                pbytes,
+                resident,
+                free_before,
+                free_after,
+                model_config=cfg,
+                act_bytes=act_bytes,
+            )
+        except DriverError as e:
+            planned = str(e)
+        # every rank names the same pages: the smallest count any rank can hold (a rank's error is everyone's)
+        plans = all_gather_object(planned)
+        errors = [f"rank {r}: {p}" if self.tp > 1 else p for r, p in enumerate(plans) if isinstance(p, str)]
+        if errors:
+            raise DriverError("; ".join(errors))
+        self.num_pages = min(plans)
         # CUDA graphs pad decode batches with rows that write to a scratch page no batch can name: the page
         # after the num_pages reported in Capabilities (check_batch rejects it).
-        scratch_pages = 1 if spec.cuda_graphs and self.device.type == "cuda" else 0
+        scratch_pages = 1 if graphs else 0
         pages = self.num_pages + scratch_pages
         # One allocation per layer group of equal KV shape; kv_caches[l] is layer l's view into its group.
         self.kv_cache_groups: list[torch.Tensor] = []
         self.kv_caches: list[torch.Tensor] = [None] * cfg.num_layers  # type: ignore[list-item]
         try:
-            for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg):
+            for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg, self.tp):
                 shape = (len(layer_ids), pages, 2, spec.page_size, kv_heads, head_dim)
                 group = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 self.kv_cache_groups.append(group)
@@ -167,11 +216,11 @@ class ModelExecutor:
                 "lower gpu_mem_utilization or max_num_kv_pages"
             ) from None
         # page moves and the fingerprint see each cache once (an aliased shared-KV layer adds no bytes)
-        owned = [kv for kv, layer in zip(self.kv_caches, cfg.layers, strict=True) if layer.kv_source is None]
+        owned = [kv for kv, layer in zip(self.kv_caches, cfg.layers, strict=True) if layer.owns_kv]
         self.page_mover = PageMover(owned, spec.swap_slots, self.device)
         weights = f"random:{spec.seed}" if spec.random_weights else weights_identity(spec.model_path)
         self.kv_fingerprint = kv_fingerprint(cfg, weights, spec.page_size, owned)
-        self.layer_params = [attention_params(layer) for layer in cfg.layers]
+        self.layer_params = [attention_params(layer, self.tp) for layer in cfg.layers]
         first = self.layer_params[0]
         self.backend = create_backend(
             spec.attention_backend,
@@ -194,6 +243,12 @@ class ModelExecutor:
             from pie.drivers.cuda_graphs import flashinfer_graph_runner
 
             self.graphs = flashinfer_graph_runner(self)  # None (logged) unless the backend is FlashInfer
+        kv_bytes = sum(g.numel() * g.element_size() for g in self.kv_cache_groups)
+        # every rank's share, for pie doctor / pie bench (rank, device, weight bytes, KV bytes)
+        self.tp_layout = [
+            {"rank": r, "device": d, "weights_bytes": w, "kv_cache_bytes": k}
+            for r, (d, w, k) in enumerate(all_gather_object((str(self.device), self.weights_bytes, kv_bytes)))
+        ]
         log.info(
             "executor ready: %s on %s, %d KV pages of %d, backend %s",
             cfg.model_type,
@@ -228,6 +283,8 @@ class ModelExecutor:
             num_swap_slots=self.page_mover.num_swap_slots,
             page_nbytes=self.page_mover.page_nbytes,
             kv_fingerprint=self.kv_fingerprint,
+            num_state_slots=0 if self.state_pool is None else self.state_pool.num_slots,
+            state_nbytes=0 if self.state_pool is None else self.state_pool.slot_nbytes,
             extra={
                 "attention_backend": self.backend.name,
                 "max_position_embeddings": cfg.max_position_embeddings,
@@ -241,6 +298,8 @@ class ModelExecutor:
                 "weights_bytes": self.weights_bytes,
                 "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),
                 "cuda_graphs": self.graphs is not None,
+                "tensor_parallel_size": self.tp,
+                "tp_layout": self.tp_layout,
             },
         )
 
@@ -261,6 +320,8 @@ class ModelExecutor:
             raise BatchError(f"positions must be in 0..{max_pos - 1} (the model's max_position_embeddings)")
         if batch.num_outputs and batch.dist_k.max() > spec.max_dist_size:
             raise BatchError(f"dist_k exceeds max_dist_size {spec.max_dist_size}")
+        if self.state_pool is not None:
+            self._check_recurrent(batch)
         if batch.mask is not None:
             # every mask row must allow at least one slot (an empty softmax is NaN)
             kv_lens = batch.kv_lens(spec.page_size).astype(np.int64)
@@ -272,18 +333,43 @@ class ModelExecutor:
             if empty.any():
                 raise BatchError(f"mask row of token {int(np.flatnonzero(empty)[0])} attends to no KV slot")
 
+    def _check_recurrent(self, batch: ForwardBatch) -> None:
+        """What a hybrid model's recurrent layers need of a batch (see protocol's module docstring)."""
+        arch = self.model_config.model_type
+        if batch.state_slots is None:
+            raise BatchError(f"{arch} has recurrent layers: the batch must name each request's state_slots")
+        n = self.state_pool.num_slots  # type: ignore[union-attr]
+        if batch.state_slots.min() < 0 or batch.state_slots.max() >= n:
+            raise BatchError(f"state_slots out of range 0..{n - 1}")
+        if len(np.unique(batch.state_slots)) != batch.num_requests:
+            raise BatchError("two requests of one batch name the same state slot")
+        if batch.mask is not None:
+            raise BatchError(
+                f"{arch} has recurrent (Gated DeltaNet) layers, which see every earlier token in order: custom "
+                "attention masks cannot be honoured; use causal attention"
+            )
+        steps = np.diff(batch.positions)
+        steps[batch.qo_indptr[1:-1] - 1] = 1  # a step between two requests is no step
+        if batch.num_tokens > 1 and np.any(steps != 1):
+            raise BatchError(
+                f"{arch} has recurrent layers: a request's positions must be consecutive (each token one "
+                "position after the previous)"
+            )
+
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         """One forward pass, waited for (see launch)."""
         return self.launch(batch)()
 
-    def launch(self, batch: ForwardBatch) -> Callable[[], ForwardResult]:
+    def launch(self, batch: ForwardBatch, *, checked: bool = False) -> Callable[[], ForwardResult]:
         """Queue one forward pass on the device; returns a function that waits for it and gives the host
         (numpy) results of the batch's output rows. The device->host copies are asynchronous (pinned), so
         a driver can launch the next batch before waiting for this one.
 
         Batches the CUDA-graph runner accepts (pure decode, small enough) replay a graph; all others, and
-        every batch once graphs are off, run the eager forward. Sampling and the result are the same."""
-        self.check_batch(batch)
+        every batch once graphs are off, run the eager forward. Sampling and the result are the same.
+        `checked`: check_batch already passed (tensor-parallel ranks: rank 0 checks before broadcasting)."""
+        if not checked:
+            self.check_batch(batch)
         prev, self._prev_tokens = self._prev_tokens, None  # a failed batch leaves no tokens to feed
         feed = None
         if batch.prev_token_rows is not None:
@@ -296,6 +382,11 @@ class ModelExecutor:
                 logits = self._forward_eager(batch, feed)
             if batch.num_outputs == 0:
                 self._prev_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+                return _Pending(None, {"tokens": (torch.zeros(0, dtype=torch.int64), np.int64)}, self.spec)
+            if self.tp_rank > 0:  # rank 0 samples; the others take its tokens for the next batch's feed
+                self._prev_tokens = broadcast_(
+                    torch.empty(batch.num_outputs, dtype=torch.int64, device=self.device)
+                )
                 return _Pending(None, {"tokens": (torch.zeros(0, dtype=torch.int64), np.int64)}, self.spec)
             return self._sample(batch, logits)
 
@@ -338,10 +429,18 @@ class ModelExecutor:
 
         Serialized with `execute` by the caller (one thread), and enqueued on the same stream, so a forward
         pass after it sees the moved pages."""
-        mover = self.page_mover
-        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes)
+        mover, pool = self.page_mover, self.state_pool
+        n_state, state_nbytes = (0, 0) if pool is None else (pool.num_slots, pool.slot_nbytes)
+        ops.validate(self.num_pages, mover.num_swap_slots, mover.page_nbytes, n_state, state_nbytes)
         with torch.inference_mode():
-            return mover.apply(ops)
+            result = mover.apply(ops)
+            if pool is not None and ops.has_state_ops:
+                pool.copy(ops.state_copy)
+                if len(ops.state_write):
+                    pool.write(ops.state_write, ops.state_write_data)
+                if len(ops.state_read):
+                    result.state_data = pool.read(ops.state_read)
+            return result
 
     def _forward_eager(self, batch: ForwardBatch, feed=None) -> torch.Tensor | None:
         """Model forward over all T tokens; fp32 logits [O, V] of the output rows (None when O == 0)."""
@@ -354,6 +453,8 @@ class ModelExecutor:
             self._planned = torch.cuda.Event()
             self._planned.record()
         ctx = ForwardContext(meta=meta, backend=self.backend, kv_caches=self.kv_caches)
+        if self.state_pool is not None:
+            ctx.recurrent = self._recurrent_batch(batch, meta)
         input_ids = torch.from_numpy(batch.token_ids).to(dev, non_blocking=True)
         if feed is not None:
             feed(input_ids)
@@ -363,6 +464,20 @@ class ModelExecutor:
             return None
         rows = torch.from_numpy(batch.output_indices.astype(np.int64)).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows])  # [O, V] fp32
+
+    def _recurrent_batch(self, batch: ForwardBatch, meta: AttentionMetadata) -> RecurrentBatch:
+        pool, dev = self.state_pool, self.device
+        assert pool is not None and batch.state_slots is not None
+        fresh = (meta.kv_lens_host - batch.qo_lens()) == 0  # the first new token is at KV slot 0
+        return RecurrentBatch(
+            conv_states=pool.conv,
+            delta_states=pool.delta,
+            slots=torch.from_numpy(batch.state_slots.astype(np.int64)).to(dev, non_blocking=True),
+            fresh=torch.from_numpy(fresh).to(dev, non_blocking=True),
+            qo_indptr=batch.qo_indptr.tolist(),
+            fresh_host=fresh.tolist(),
+            is_decode=batch.num_tokens == batch.num_requests,
+        )
 
     def _sample(self, batch: ForwardBatch, logits: torch.Tensor) -> Callable[[], ForwardResult]:
         """Sample the output rows of logits [O, V] fp32 and copy the results to the host."""
@@ -374,7 +489,9 @@ class ModelExecutor:
             self._sampling = SamplingParams.from_batch(batch, dev)
             self._sampling_key = key
         out = sample(logits, self._sampling, batch.return_logprobs)
-        self._prev_tokens = out.tokens  # [O] device: the next batch's prev_token_rows read these
+        self._prev_tokens = broadcast_(
+            out.tokens.contiguous()
+        )  # [O] device: the next batch's prev_token_rows read these
         # NaN logits (fp16 overflow, corrupt weights) would sample garbage silently. The check rides on
         # the token copy: a row with a NaN gets token -1 in the host copy only, no extra sync.
         host_tokens = out.tokens.masked_fill(logits.isnan().any(dim=-1), -1)  # [O]
@@ -425,6 +542,31 @@ class _Pending:
         if (res.tokens < 0).any():
             raise DriverError(nan_message(np.flatnonzero(res.tokens < 0), len(res.tokens), self.spec))
         return res
+
+
+def tensor_parallel_problem(cfg, model_cls: type, tp: int) -> str | None:
+    """Why `cfg` cannot be split over tp ranks (None when it can): heads, KV heads, intermediate sizes
+    must divide (KV heads may instead be fewer than tp, dividing it), and the family must be built from
+    the tensor-parallel layers."""
+    if tp == 1:
+        return None
+    if not getattr(model_cls, "supports_tensor_parallel", False):
+        return f"{cfg.model_type} does not support tensor parallelism yet; set tensor_parallel_size = 1"
+    try:
+        for layer in cfg.layers:
+            attention_params(layer, tp)
+    except ValueError as e:
+        return f"{cfg.model_type}: {e}"
+    sizes = {"intermediate_size": cfg.intermediate_size}
+    if cfg.moe is not None:
+        sizes["moe_intermediate_size"] = cfg.moe.expert_intermediate_size
+    for name, n in sizes.items():
+        if n % tp:
+            return (
+                f"{cfg.model_type}: {name} = {n} is not divisible by tensor_parallel_size {tp}; choose a "
+                "tensor_parallel_size that divides it"
+            )
+    return None
 
 
 def nan_message(rows: np.ndarray, num_rows: int, spec: ExecutorSpec) -> str:

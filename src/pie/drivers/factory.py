@@ -18,19 +18,25 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     from pie.models.hub import resolve_model_dir
 
     d, o = entry.driver, entry.driver.options
-    if d.tensor_parallel_size != 1 or len(d.device) != 1:
-        raise ConfigError(
-            f"model {entry.name!r}: tensor parallelism is not implemented yet; "
-            "set tensor_parallel_size = 1 and a single device"
-        )
     model_path = resolve_model_dir(entry.hf_repo)
     # Fail here, before a driver process starts, on a checkpoint the executor would reject
     # (config normalization, safetensors headers; the tokenizer is the engine's).
     check_model_dir(model_path, tokenizer=False)
     model_config = read_model_config(model_path)
+    if d.tensor_parallel_size > 1:  # heads and sizes must split evenly over the ranks: say so before starting
+        from pie.drivers.executor import tensor_parallel_problem
+        from pie.models.registry import get_model_class
+
+        problem = tensor_parallel_problem(
+            model_config, get_model_class(model_config.model_type), d.tensor_parallel_size
+        )
+        if problem is not None:
+            raise ConfigError(f"model {entry.name!r}: {problem}")
     common = dict(
         model_path=str(model_path),
         device=d.device[0],
+        devices=list(d.device),
+        tensor_parallel_size=d.tensor_parallel_size,
         activation_dtype=d.activation_dtype,
         weight_dtype=o.weight_dtype,
         page_size=o.kv_page_size,

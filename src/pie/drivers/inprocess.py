@@ -111,9 +111,9 @@ class InProcessDriver(Driver):
         return self.capabilities
 
     def _build(self):
-        from pie.drivers.executor import ModelExecutor
+        from pie.drivers.tp import build_executor
 
-        return ModelExecutor(self.spec, progress=True)
+        return build_executor(self.spec, progress=True)  # a group of processes at tensor_parallel_size > 1
 
     async def forward(self, batch: ForwardBatch) -> ForwardResult:
         if self.executor is None or self._closed:
@@ -151,7 +151,10 @@ class InProcessDriver(Driver):
         self._jobs.put(("stop", self._release, ThreadFuture()))
 
     def _release(self) -> None:
-        mover = getattr(self.executor, "page_mover", None)
+        close = getattr(self.executor, "close", None)  # tensor parallel: also stops the other ranks
+        mover = getattr(self.executor, "page_mover", None) if close is None else None
+        if close is not None:
+            close()
         if mover is not None:
             mover.close()  # unpin the swap pool while CUDA is certainly up
         self.executor = None

@@ -28,6 +28,7 @@ import torch
 
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
+from pie.layers.parallel import kv_heads_per_rank
 from pie.models.config import ModelConfig
 
 GiB = 1 << 30
@@ -38,31 +39,35 @@ HOST_MAX_SEQUENCES = 64
 ACTIVATION_FIXED_BYTES = 256 * MiB
 
 
-def kv_layer_groups(config: ModelConfig) -> list[tuple[tuple[int, int], list[int]]]:
+def kv_layer_groups(config: ModelConfig, tp: int = 1) -> list[tuple[tuple[int, int], list[int]]]:
     """Layers grouped by KV shape: [((Hkv, D), [layer indices])], in order of first layer. Each group is
     one allocation [L_g, num_pages, 2, page_size, Hkv, D]; layers may differ in KV heads and head dim.
-    Shared-KV layers (LayerSpec.kv_source set) own no cache and are in no group."""
+    Shared-KV layers (LayerSpec.kv_source set) and recurrent layers own no cache and are in no group. With
+    tp tensor-parallel ranks, Hkv is one rank's KV heads (pie.layers.parallel.kv_heads_per_rank)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, layer in enumerate(config.layers):
-        if layer.kv_source is not None:
+        if not layer.owns_kv:
             continue
-        groups.setdefault((layer.num_kv_heads, layer.head_dim), []).append(i)
+        groups.setdefault((kv_heads_per_rank(layer.num_kv_heads, tp), layer.head_dim), []).append(i)
     return list(groups.items())
 
 
-def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one page across all layers: sum over layers of 2 (K, V) * page_size * Hkv_l * D_l * elem
-    (shared-KV layers, which read another layer's cache, add nothing)."""
+def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype, tp: int = 1) -> int:
+    """Bytes of one page across all layers on one of tp ranks: sum over layers of 2 (K, V) * page_size *
+    Hkv_l * D_l * elem, Hkv_l that rank's KV heads (shared-KV layers, which read another layer's cache, and
+    recurrent layers add nothing)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return sum(
-        2 * page_size * layer.num_kv_heads * layer.head_dim * elem
+        2 * page_size * kv_heads_per_rank(layer.num_kv_heads, tp) * layer.head_dim * elem
         for layer in config.layers
-        if layer.kv_source is None
+        if layer.owns_kv
     )
 
 
 def activation_reserve(spec: ExecutorSpec, config: ModelConfig, act_bytes: int) -> int:
-    """Estimated peak activation bytes of one forward pass (see the module docstring)."""
+    """Estimated peak activation bytes of one forward pass on one rank (see the module docstring; the
+    gathered logits are whole on every rank, the rest is not divided by tensor_parallel_size: an
+    over-estimate that keeps the formula simple)."""
     T = spec.max_batch_tokens
     per_token = (6 * config.hidden_size + 3 * config.intermediate_size) * act_bytes
     if config.moe is not None:

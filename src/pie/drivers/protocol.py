@@ -20,6 +20,11 @@ Attention is causal over slots unless `mask` is given. A mask covers every reque
 request r's rows are mask[mask_indptr[r]:mask_indptr[r+1]] reshaped to [n_r, kv_len[r]]
 (row i = new token i, column j = KV slot j, True = may attend).
 
+Hybrid models (recurrent layers, Qwen 3.5): state_slots[R] names each request's recurrent-state slot; a
+request whose first new token is at KV slot 0 starts from a zero state, every other continues the slot's
+state, which the pass updates in place. Such models take no mask, and a request's positions must be
+consecutive (the recurrent layers see tokens in order, whatever their positions).
+
 Outputs: output_indices[O] are global token rows (0..T-1) whose outputs are wanted;
 each has its own sampler (temperature 0 = argmax) and optional extras.
 """
@@ -68,6 +73,9 @@ class ForwardBatch:
     # driver ran (output row index), on the device: lets the runtime queue a generation's next step before
     # the previous one has returned. -1 uses token_ids. A row past the previous result feeds token 0.
     prev_token_rows: np.ndarray | None = None
+    # [R] int32 or None: each request's recurrent-state slot (models with recurrent layers; see the module
+    # docstring). Ignored by models without them.
+    state_slots: np.ndarray | None = None
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -133,6 +141,8 @@ class ForwardBatch:
                 raise BatchError("mask length does not match mask_indptr")
         if self.prev_token_rows is not None and self.prev_token_rows.shape != (T,):
             raise BatchError(f"prev_token_rows must have one entry per token ({T})")
+        if self.state_slots is not None and self.state_slots.shape != (R,):
+            raise BatchError(f"state_slots must have one entry per request ({R})")
 
     # ---- (de)serialization for the dev driver's channel ------------------
     def to_wire(self) -> dict:
@@ -184,6 +194,11 @@ class PageOps:
                  cache dtype)
     5. read      [R] int32 device pages whose raw bytes come back in PageOpsResult.data [R, page_nbytes] uint8
 
+    Recurrent-state slots (hybrid models; Capabilities.num_state_slots, state_nbytes), after the pages:
+    6. state_copy  [C, 2] int32 rows (src slot, dst slot), all sources read before any destination is written
+    7. state_write [W] int32 slots, filled from state_write_data [W, state_nbytes] uint8
+    8. state_read  [R] int32 slots whose raw bytes come back in PageOpsResult.state_data
+
     A page's raw bytes are the concatenation over layers (layer 0 first) of that layer's page
     [2 (K, V), page_size, num_kv_heads, head_dim] in the cache dtype; they are only meaningful to a driver
     whose Capabilities.kv_fingerprint is the same. Within one step every source is read before any
@@ -197,15 +212,36 @@ class PageOps:
     write: np.ndarray = field(default_factory=_ids)  # [W] int32 device pages
     read: np.ndarray = field(default_factory=_ids)  # [R] int32 device pages
     write_data: np.ndarray | None = None  # [W, page_nbytes] uint8
+    state_copy: np.ndarray = field(default_factory=_pairs)  # [C, 2] int32 (src slot, dst slot)
+    state_write: np.ndarray = field(default_factory=_ids)  # [W] int32 state slots
+    state_read: np.ndarray = field(default_factory=_ids)  # [R] int32 state slots
+    state_write_data: np.ndarray | None = None  # [W, state_nbytes] uint8
+
+    @property
+    def has_state_ops(self) -> bool:
+        return bool(len(self.state_copy) or len(self.state_write) or len(self.state_read))
 
     @property
     def is_empty(self) -> bool:
         return not (
-            len(self.swap_out) or len(self.copy) or len(self.swap_in) or len(self.write) or len(self.read)
+            len(self.swap_out)
+            or len(self.copy)
+            or len(self.swap_in)
+            or len(self.write)
+            or len(self.read)
+            or self.has_state_ops
         )
 
-    def validate(self, num_pages: int, num_swap_slots: int, page_nbytes: int) -> None:
+    def validate(
+        self,
+        num_pages: int,
+        num_swap_slots: int,
+        page_nbytes: int,
+        num_state_slots: int = 0,
+        state_nbytes: int = 0,
+    ) -> None:
         """Raise BatchError if the ops break the contract (shapes, dtypes, ranges, duplicate destinations)."""
+        self._validate_state(num_state_slots, state_nbytes)
         for name in ("swap_out", "copy", "swap_in"):
             a = getattr(self, name)
             if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape[1] != 2 or a.dtype.kind not in "iu":
@@ -249,6 +285,28 @@ class PageOps:
                 f"written page; page_nbytes comes from Capabilities), got {_describe(d)}"
             )
 
+    def _validate_state(self, num_state_slots: int, state_nbytes: int) -> None:
+        if not self.has_state_ops:
+            return
+        if num_state_slots < 1:
+            raise BatchError("PageOps moves recurrent state but this driver's model has no recurrent layers")
+        a = self.state_copy
+        if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape[1] != 2 or a.dtype.kind not in "iu":
+            raise BatchError(
+                f"PageOps.state_copy must be an integer array of shape [n, 2], got {_describe(a)}"
+            )
+        slots = f"state slot (0..{num_state_slots - 1})"
+        _check_range(a.reshape(-1), num_state_slots, "state_copy", slots)
+        _check_unique(a[:, 1], "state_copy", "state slot")
+        _check_range(self.state_write, num_state_slots, "state_write", slots)
+        _check_unique(self.state_write, "state_write", "state slot")
+        _check_range(self.state_read, num_state_slots, "state_read", slots)
+        W, d = len(self.state_write), self.state_write_data
+        if W and (not isinstance(d, np.ndarray) or d.dtype != np.uint8 or d.shape != (W, state_nbytes)):
+            raise BatchError(
+                f"PageOps.state_write_data must be uint8 of shape [{W}, {state_nbytes}], got {_describe(d)}"
+            )
+
     def to_wire(self) -> dict:
         return {f.name: _arr_to_wire(getattr(self, f.name)) for f in fields(self)}
 
@@ -260,13 +318,14 @@ class PageOps:
 @dataclass
 class PageOpsResult:
     data: np.ndarray | None = None  # [R, page_nbytes] uint8, the pages of PageOps.read in order
+    state_data: np.ndarray | None = None  # [R, state_nbytes] uint8, the slots of PageOps.state_read in order
 
     def to_wire(self) -> dict:
-        return {"data": _arr_to_wire(self.data)}
+        return {"data": _arr_to_wire(self.data), "state_data": _arr_to_wire(self.state_data)}
 
     @classmethod
     def from_wire(cls, d: dict) -> PageOpsResult:
-        return cls(data=_arr_from_wire(d["data"]))
+        return cls(data=_arr_from_wire(d["data"]), state_data=_arr_from_wire(d.get("state_data")))
 
 
 def _describe(a) -> str:
@@ -310,6 +369,9 @@ class Capabilities:
     num_swap_slots: int = 0
     page_nbytes: int = 0
     kv_fingerprint: str = ""
+    # Recurrent state (hybrid models): slots of the state pool and the raw bytes of one slot; 0 without.
+    num_state_slots: int = 0
+    state_nbytes: int = 0
 
     def to_wire(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -339,7 +401,7 @@ def make_batch(
     """Build a ForwardBatch from per-request dicts (tests, tools; the scheduler has a vectorized path).
 
     Each dict: token_ids, positions, pages, last_page_len, and optionally
-    outputs (indices local to the request), sampler fields per output
+    outputs (indices local to the request), state_slot (hybrid models), sampler fields per output
     (temperature, top_k, top_p, min_p, seed, dist_k, return_logits), mask ([n, kv_len] bool).
     """
     tok, pos, qo, pages, pindptr, last, outs = [], [], [0], [], [0], [], []
@@ -356,6 +418,7 @@ def make_batch(
         "return_logits": False,
     }
     masks, any_mask = [], any(r.get("mask") is not None for r in requests)
+    slots = [r.get("state_slot") for r in requests]
     for r in requests:
         base = qo[-1]
         n = len(r["token_ids"])
@@ -397,4 +460,5 @@ def make_batch(
         return_logits=np.asarray(samp["return_logits"], dtype=bool),
         mask=mask,
         mask_indptr=mask_indptr,
+        state_slots=_i32(slots) if all(s is not None for s in slots) else None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ BUILTINS = {
 }
 
 InferletMain = Callable[[dict], Awaitable[object]]
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class InferletError(PieError):
@@ -27,8 +29,8 @@ class InferletError(PieError):
 def load_inferlet(what: str | Path | ModuleType | Callable) -> InferletMain:
     """The inferlet's `main` coroutine function.
 
-    `what` is a built-in name (see BUILTINS), a path to a .py file, an imported module, or the
-    coroutine function itself.
+    `what` is a built-in name (see BUILTINS), a path to a .py file, an installed module's dotted name
+    (`mypkg.agent`, whose `main` is the inferlet), an imported module, or the coroutine function itself.
     """
     if inspect.iscoroutinefunction(what):
         return what
@@ -40,12 +42,24 @@ def load_inferlet(what: str | Path | ModuleType | Callable) -> InferletMain:
     if name in BUILTINS:
         return _main_of(importlib.import_module(BUILTINS[name]), name)
     path = Path(name).expanduser()
+    if path.suffix != ".py" and _MODULE.fullmatch(name) and _installed(name):
+        return _main_of(importlib.import_module(name), name)
     if path.suffix != ".py" or not path.is_file():
-        hint = f"built-in inferlets: {', '.join(BUILTINS)}; or give the path of a .py file"
+        hint = (
+            f"built-in inferlets: {', '.join(BUILTINS)}; or give the path of a .py file or the name of "
+            "an installed module that defines main"
+        )
         if path.suffix == ".py":
             raise InferletError(f"inferlet file {path} does not exist ({hint})")
         raise InferletError(f"unknown inferlet {name!r} ({hint})")
     return _main_of(_import_file(path), str(path))
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is not installed
+        return False
 
 
 def _import_file(path: Path) -> ModuleType:

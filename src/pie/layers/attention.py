@@ -9,15 +9,28 @@ AttentionParams (scale, sliding window, soft-cap, sinks; causal over slots or th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pie.attention.base import AttentionBackend, AttentionMetadata, AttentionParams, append_kv
-from pie.layers.linear import QKVLinear
+from pie.distributed import all_reduce, tp_rank, tp_size
 from pie.layers.norm import RMSNorm
+from pie.layers.parallel import (
+    QKVParallelLinear,
+    RowParallelLinear,
+    Source,
+    copy_pieces,
+    divide,
+    kv_heads_per_rank,
+    kv_replicas,
+)
 from pie.layers.rotary import RotaryEmbedding, llama4_query_scale
 from pie.models.config import LayerSpec
+
+if TYPE_CHECKING:
+    from pie.layers.gated_deltanet import RecurrentBatch
 
 QK_NORMS = ("none", "head", "proj")
 
@@ -27,19 +40,22 @@ class ForwardContext:
     """Everything a forward pass needs besides token ids and positions; built once per batch.
 
     kv_caches[layer]: [num_pages, 2, page_size, Hkv_l, D_l] (views into one allocation per layer group).
-    The backend has already been planned with `meta`.
+    The backend has already been planned with `meta`. recurrent: the state-pool view of the batch for
+    models with recurrent layers (Qwen 3.5's Gated DeltaNet), else None.
     """
 
     meta: AttentionMetadata
     backend: AttentionBackend
     kv_caches: list[torch.Tensor]
+    recurrent: RecurrentBatch | None = None
 
 
-def attention_params(spec: LayerSpec) -> AttentionParams:
-    """The backend's view of one layer (HF sliding_window W = the query plus W - 1 earlier slots)."""
+def attention_params(spec: LayerSpec, tp: int = 1) -> AttentionParams:
+    """The backend's view of one layer on one of `tp` tensor-parallel ranks (its query and KV heads; HF
+    sliding_window W = the query plus W - 1 earlier slots)."""
     return AttentionParams(
-        num_qo_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
+        num_qo_heads=divide(spec.num_heads, tp, "num_attention_heads"),
+        num_kv_heads=kv_heads_per_rank(spec.num_kv_heads, tp),
         head_dim=spec.head_dim,
         sm_scale=spec.sm_scale,
         window_left=spec.sliding_window - 1 if spec.sliding_window is not None else -1,
@@ -69,21 +85,36 @@ class Attention(nn.Module):
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm {qk_norm!r} is not one of {QK_NORMS}")
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.rotary = rotary
-        self.params = attention_params(spec)
-        self.qkv_proj = QKVLinear(hidden, spec.num_heads, spec.num_kv_heads, spec.head_dim, bias=has_qkv_bias)
-        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, hidden, bias=has_o_bias)
-        self.qk_norm = qk_norm
-        q_dim, k_dim = (
-            (spec.head_dim, spec.head_dim)
-            if qk_norm == "head"
-            else (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim)
+        self.params = attention_params(spec, tp_size())
+        self.qkv_proj = QKVParallelLinear(
+            hidden, spec.num_heads, spec.num_kv_heads, spec.head_dim, bias=has_qkv_bias
         )
-        self.q_norm = norm_cls(q_dim, rms_norm_eps) if qk_norm != "none" else None
-        self.k_norm = norm_cls(k_dim, rms_norm_eps) if qk_norm != "none" else None
-        # GPT-OSS's sink logits, one per query head
-        self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.has_sinks else None
+        # this rank's heads (all of them at tensor_parallel_size 1)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, hidden, bias=has_o_bias)
+        self.qk_norm = qk_norm
+        self.q_norm = self.k_norm = None
+        if qk_norm == "head":  # shared across heads: every rank holds all of it
+            self.q_norm = norm_cls(spec.head_dim, rms_norm_eps)
+            self.k_norm = norm_cls(spec.head_dim, rms_norm_eps)
+        elif qk_norm == "proj" and tp_size() == 1:
+            self.q_norm = norm_cls(spec.num_heads * spec.head_dim, rms_norm_eps)
+            self.k_norm = norm_cls(spec.num_kv_heads * spec.head_dim, rms_norm_eps)
+        elif qk_norm == "proj":  # over the whole projection, which is split over the ranks
+            self.q_norm = ShardedProjNorm(self.qkv_proj, "q", rms_norm_eps, replicas=1)
+            self.k_norm = ShardedProjNorm(
+                self.qkv_proj, "k", rms_norm_eps, replicas=kv_replicas(spec.num_kv_heads, tp_size())
+            )
+        # GPT-OSS's sink logits, one per query head (this rank's heads)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if spec.has_sinks else None
+        self.num_heads_full = spec.num_heads
+
+    def load_param(self, name: str, param: nn.Parameter, src: Source, shard_id: None) -> None:
+        """The sinks: this rank's query heads."""
+        n = self.num_heads
+        copy_pieces(param.data, src, 0, self.num_heads_full, [(0, tp_rank() * n, n)], name)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """positions: [T] int64; x: [T, H] -> [T, H]."""
@@ -104,3 +135,24 @@ class Attention(nn.Module):
         append_kv(kv_cache, k, v, ctx.meta)
         o = ctx.backend.run(q, kv_cache, self.layer_idx, self.params, self.sinks)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class ShardedProjNorm(RMSNorm):
+    """OLMo's q/k RMSNorm over the whole projection when the projection is split over ranks: each rank
+    holds its slice of the weight; the mean of squares is summed over the ranks (a KV head replicated on
+    `replicas` ranks is counted once). x: [T, local dim] -> [T, local dim]."""
+
+    def __init__(self, qkv: QKVParallelLinear, part: str, eps: float, replicas: int) -> None:
+        self.full, self.start, n = qkv.parts[part]
+        super().__init__(n, eps)
+        self.replicas = replicas
+
+    def load_param(self, name: str, param: nn.Parameter, src: Source, shard_id: None) -> None:
+        copy_pieces(param.data, src, 0, self.full, [(0, self.start, param.shape[0])], name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        sq = all_reduce(xf.pow(2).sum(-1, keepdim=True))  # [T, 1]
+        xf = xf * torch.rsqrt(sq / (self.full * self.replicas) + self.eps)
+        return self.weight * xf.to(dtype)

@@ -13,14 +13,13 @@ add; the others return residual None (x is the whole stream). Module names mirro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pie.layers.attention import Attention, ForwardContext
-from pie.layers.embedding import LMHead, ScaledVocabEmbedding, VocabEmbedding
 from pie.layers.mlp import GatedMLP
 from pie.layers.moe import SparseMoE
 from pie.layers.norm import RMSNorm
+from pie.layers.parallel import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_logits
 from pie.layers.rotary import RotaryCache
 from pie.models.config import ModelConfig
 
@@ -118,11 +117,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         c = config
         self.rotary = RotaryCache(c.max_position_embeddings)
-        self.embed_tokens = (
-            VocabEmbedding(c.vocab_size, c.hidden_size)
-            if embed_scale is None
-            else ScaledVocabEmbedding(c.vocab_size, c.hidden_size, embed_scale)
-        )
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, embed_scale)
         self.layers = nn.ModuleList(layer_cls(c, i, self.rotary) for i in range(c.num_layers))
         self.norm = layer_cls.norm_cls(c.hidden_size, c.rms_norm_eps)
 
@@ -153,6 +148,9 @@ class CausalLM(nn.Module):
     # checkpoint name prefix -> module name prefix (multimodal wrappers: "model.language_model." -> "model.")
     checkpoint_prefixes: dict[str, str] = {}
     layer_cls: type[DecoderLayer] = PreNormLayer
+    # built from the tensor-parallel shared layers (pie.layers.parallel); a family with its own layers
+    # that are not split over ranks says False, and tensor_parallel_size > 1 is refused for it
+    supports_tensor_parallel: bool = True
 
     @staticmethod
     def config_from_hf(d: dict) -> ModelConfig:
@@ -166,16 +164,19 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config, self.layer_cls, self.embed_scale(config))
         # Tied: the head reads the embedding matrix directly (no second parameter to keep in sync).
-        self.lm_head = None if config.tie_word_embeddings else LMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = (
+            None if config.tie_word_embeddings else ParallelLMHead(config.hidden_size, config.vocab_size)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] int64 -> hidden [T, H] (final norm applied)."""
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [O, H] -> [O, V] float32 (final soft-cap applied where the family has one)."""
+        """hidden: [O, H] -> [O, V] float32 (final soft-cap applied where the family has one). Under
+        tensor parallelism every rank gets the whole [O, V] (all-gathered)."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+            logits = vocab_parallel_logits(hidden, self.model.embed_tokens.weight, self.config.vocab_size)
         else:
             logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcap

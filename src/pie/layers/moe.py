@@ -11,6 +11,14 @@ Module and parameter names follow transformers 5 (`mlp.gate.weight`, `mlp.expert
 placed into the stacked tensors by `FusedExperts.load_shard`, driven by each family's
 `expert_params_mapping` (applied by models/weights.py).
 
+Tensor parallelism: every rank holds every expert, each its slice of the expert intermediate dim
+(gate/up rows [r*I/tp, (r+1)*I/tp), the matching down columns), and the partial sums are all-reduced once
+after the block, as in the dense MLP. Why not experts split by rank: routing is identical on every rank
+(the router is replicated and sees the same all-reduced hidden states), so there is no token dispatch
+(all-to-all) and no load imbalance when the router favours a few experts, it works for any expert count
+(Mixtral's 8 at tp 4 as well as gpt-oss's 32), and the fused-MoE kernel runs unchanged on the smaller
+matrices. The down bias (GPT-OSS) joins rank 0's partial sum only.
+
 Compute: on CUDA with Triton, all experts run as two grouped GEMMs (pie.kernels.moe.fused_moe); elsewhere a
 loop over the experts that received tokens (pie.kernels.moe.moe_reference), as transformers' eager path.
 """
@@ -22,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pie import kernels
+from pie.distributed import all_reduce, tp_rank, tp_size
 from pie.kernels.moe import Activation, moe_reference, silu_and_mul, swiglu_oai
+from pie.layers.parallel import Source, TensorSource, copy_pieces, divide, whole
 from pie.models.config import MoEConfig
 
 ROUTERS = ("softmax_topk", "topk_softmax")
@@ -73,7 +83,8 @@ class TopKRouter(nn.Module):
 class FusedExperts(nn.Module):
     """E gated experts as two stacked tensors:
     gate_up_proj [E, 2I, H] (rows [0, I) gate, [I, 2I) up) and down_proj [E, H, I]; with `bias`,
-    gate_up_proj_bias [E, 2I] (same row order) and down_proj_bias [E, H]."""
+    gate_up_proj_bias [E, 2I] (same row order) and down_proj_bias [E, H]. Under tensor parallelism I is
+    this rank's slice I / tp of the intermediate dim (module doc); `full_intermediate` is the checkpoint's."""
 
     # which stacked parameter each per-expert checkpoint part goes to, and its row offset in units of I
     PARTS: dict[str, tuple[str, int]] = {
@@ -91,6 +102,9 @@ class FusedExperts(nn.Module):
         act: Activation = silu_and_mul,
     ) -> None:
         super().__init__()
+        self.full_intermediate = intermediate
+        intermediate = divide(intermediate, tp_size(), "the experts' intermediate size")
+        self.i_start = tp_rank() * intermediate
         self.num_experts, self.intermediate, self.act = num_experts, intermediate, act
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
@@ -104,18 +118,31 @@ class FusedExperts(nn.Module):
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
         """Copy one expert's checkpoint matrix (gate/up [I, H], down [H, I]) into its slice of `param`."""
+        self.load_param("", param, TensorSource(loaded), shard_id)
+
+    def load_param(
+        self, name: str, param: nn.Parameter, src: Source, shard_id: tuple[int, str] | None
+    ) -> None:
+        """This rank's slice of a checkpoint tensor: one expert's matrix (shard_id (e, part): gate/up
+        [I, H], down [H, I]) or a stacked tensor (shard_id None, see the class doc)."""
+        n, i0, full = self.intermediate, self.i_start, self.full_intermediate
+        if shard_id is None:
+            if name == "down_proj_bias":
+                whole(src, param.data, name)
+            elif name == "down_proj":  # [E, H, I]: columns
+                copy_pieces(param.data, src, 2, full, [(0, i0, n)], name)
+            else:  # gate_up_proj [E, 2I, H] / its bias [E, 2I]: gate rows, then up rows
+                copy_pieces(param.data, src, 1, 2 * full, [(0, i0, n), (n, full + i0, n)], name)
+            return
         expert, part = shard_id
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts} experts")
-        offset = self.PARTS[part][1] * self.intermediate
         dst = param.data[expert]
-        if part != "down":
-            dst = dst.narrow(0, offset, self.intermediate)
-        if dst.shape != loaded.shape:
-            raise ValueError(
-                f"expert {expert} {part}: expected shape {tuple(dst.shape)}, got {tuple(loaded.shape)}"
-            )
-        dst.copy_(loaded)
+        if part == "down":  # [H, I]
+            copy_pieces(dst, src, 1, full, [(0, i0, n)], f"expert {expert} {part}")
+        else:  # [I, H] into the gate or the up rows
+            dst = dst.narrow(0, self.PARTS[part][1] * n, n)
+            copy_pieces(dst, src, 0, full, [(0, i0, n)], f"expert {expert} {part}")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; weights, ids: [T, k] -> [T, H]."""
@@ -126,7 +153,7 @@ class FusedExperts(nn.Module):
             weights,
             ids,
             self.gate_up_proj_bias,
-            self.down_proj_bias,
+            self.down_proj_bias if tp_rank() == 0 else None,  # once in the all-reduced sum
         )
         if kernels.use_triton(x):
             from pie.kernels.moe import fused_moe
@@ -146,6 +173,6 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] -> [T, H]."""
+        """x: [T, H] -> [T, H] (this rank's partial sums, all-reduced)."""
         weights, ids = self.gate(x)
-        return self.experts(x, weights, ids)
+        return all_reduce(self.experts(x, weights, ids))

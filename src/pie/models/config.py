@@ -22,6 +22,9 @@ from pie.errors import ModelError
 # the one family that ships it (models/phi3.py), whose config layout and defaults are its own.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 MLP_KINDS = ("dense", "sparse")
+# token mixers: softmax attention over the paged KV cache, or Gated DeltaNet (a recurrent layer whose
+# per-sequence state lives in the executor's state pool instead of KV pages: Qwen 3.5)
+MIXERS = ("attention", "gated_deltanet")
 ATTENTION_KINDS = ("full", "sliding")
 # HF layer_types spellings -> pie attention kinds
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
@@ -110,6 +113,40 @@ class LayerSpec:
     # Shared KV (Gemma 4): the earlier layer whose KV cache this layer reads; it computes and writes no K/V
     # of its own, and the executor allocates it no KV memory. None: the layer owns its cache.
     kv_source: int | None = None
+    mixer: str = (
+        "attention"  # one of MIXERS; a "gated_deltanet" layer has no KV (its attention fields unused)
+    )
+
+    @property
+    def owns_kv(self) -> bool:
+        """The layer has KV pages of its own (not shared from another layer, not recurrent)."""
+        return self.kv_source is None and self.mixer == "attention"
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetConfig:
+    """The shapes every Gated DeltaNet layer of a model shares (Qwen 3.5's linear_* keys).
+
+    Per sequence and layer the state pool keeps the causal conv's last conv_kernel - 1 inputs
+    [conv_dim, conv_kernel - 1] and the delta-rule state [num_v_heads, head_k_dim, head_v_dim]."""
+
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:  # the conv runs over q, k and v concatenated
+        return 2 * self.key_dim + self.value_dim
 
 
 @dataclass(frozen=True)
@@ -133,6 +170,7 @@ class ModelConfig:
     hidden_act: str = "silu"  # "silu" or "gelu_tanh" (of the gated MLP)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     moe: MoEConfig | None = None  # set when any layer's mlp is "sparse"
+    gated_deltanet: GatedDeltaNetConfig | None = None  # set when any layer's mixer is "gated_deltanet"
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str | None = None  # checkpoint dtype as named in config.json, e.g. "bfloat16"
@@ -158,6 +196,11 @@ class ModelConfig:
     @property
     def attention_kinds(self) -> tuple[str, ...]:
         return tuple(k for k in ATTENTION_KINDS if any(layer.attention == k for layer in self.layers))
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that keep per-sequence recurrent state (Gated DeltaNet)."""
+        return tuple(i for i, layer in enumerate(self.layers) if layer.mixer == "gated_deltanet")
 
     @property
     def sparse_layers(self) -> tuple[int, ...]:

@@ -370,6 +370,7 @@ class Gemma4TextModel(nn.Module):
 
 class Gemma4ForCausalLM(CausalLM):
     config_from_hf = staticmethod(gemma4_text_config)
+    supports_tensor_parallel = False  # its attention, per-layer embeddings and MoE are not split yet
     # q/k/v stay separate (shared-KV layers have q only, k_eq_v layers no v); gate/up are fused
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 

@@ -28,6 +28,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "phi3": ("pie.models.phi3", "Phi3ForCausalLM"),
     "gpt_oss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
     "gptoss": ("pie.models.gpt_oss", "GptOssForCausalLM"),
+    "qwen3_5_text": ("pie.models.qwen3_5", "Qwen3_5ForCausalLM"),
+    "qwen3_5": ("pie.models.qwen3_5", "Qwen3_5ForConditionalGeneration"),
 }
 
 

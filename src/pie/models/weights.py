@@ -19,6 +19,12 @@ MoE families also declare, as data:
 MXFP4 tensors (`<name>_blocks` uint8 [..., G, 16] with `<name>_scales` uint8 [..., G] beside them, GPT-OSS's
 experts) are dequantized to the layout transformers' Mxfp4 dequantization produces for `<name>` (what a
 bf16 checkpoint of the same model stores), then loaded as `<name>`.
+
+Tensor parallelism: a module with `load_param(name, param, source, shard_id)` (pie.layers.parallel) places
+the tensor itself, reading only its rank's slice: the source reads slices straight from safetensors
+(`get_slice`), so a rank never materializes the whole tensor. Tensors that must be converted first (FP8,
+MXFP4, checkpoint_transforms) are read whole, converted, then sliced. At tensor_parallel_size 1 the slice
+is the whole tensor: one code path.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pie.errors import ModelError
+from pie.layers.parallel import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +161,20 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                     if param is None:
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
                         continue
+                    module = model.get_submodule(name.rsplit(".", 1)[0])
+                    direct = (
+                        hasattr(module, "load_param")
+                        and mx_base is None
+                        and not _is_fp8(f, key)
+                        and not any(name.endswith(sfx) for sfx in transforms)
+                    )
+                    try:
+                        if direct:  # sliced by the module, read slice by slice
+                            module.load_param(name.rsplit(".", 1)[1], param, _SliceSource(f, key), shard_id)
+                            _mark(name, shard_id, loaded, shard_seen)
+                            continue
+                    except ValueError as e:
+                        raise ModelError(f"checkpoint tensor {key} does not fit {name}: {e}") from None
                     tensor = f.get_tensor(key)
                     if mx_base is not None:
                         try:
@@ -164,7 +185,10 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                         tensor = _dequantized(f, key, key_set, tensor)
                     tensor = _transformed(name, tensor, transforms)
                     try:
-                        if shard_id is None:
+                        if hasattr(module, "load_param"):
+                            module.load_param(name.rsplit(".", 1)[1], param, TensorSource(tensor), shard_id)
+                            _mark(name, shard_id, loaded, shard_seen)
+                        elif shard_id is None:
                             if param.shape != tensor.shape:
                                 raise ValueError(
                                     f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
@@ -172,7 +196,6 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                             param.data.copy_(tensor)
                             loaded.add(name)
                         else:
-                            module = model.get_submodule(name.rsplit(".", 1)[0])
                             module.load_shard(param, tensor, shard_id)
                             shard_seen.setdefault(name, set()).add(shard_id)
                     except ValueError as e:
@@ -185,6 +208,36 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
         shown = ", ".join(_missing_names(model, n, packed, shard_seen.get(n, set())) for n in missing[:8])
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise ModelError(f"checkpoint in {model_dir} lacks tensors: {shown}{more}")
+
+
+def _mark(name: str, shard_id, loaded: set[str], shard_seen: dict[str, set]) -> None:
+    if shard_id is None:
+        loaded.add(name)
+    else:
+        shard_seen.setdefault(name, set()).add(shard_id)
+
+
+def _is_fp8(f, key: str) -> bool:
+    """Whether checkpoint tensor `key` is stored in an FP8 dtype (from the header: nothing is read)."""
+    return f.get_slice(key).get_dtype().startswith("F8")
+
+
+class _SliceSource:
+    """A checkpoint tensor read lazily: `narrow` reads one slice from the file (pie.layers.parallel.Source)."""
+
+    def __init__(self, f, key: str) -> None:
+        self._f, self._key = f, key
+        self._slice = f.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, size: int) -> torch.Tensor:
+        if start == 0 and size == self.shape[dim]:
+            return self.full()
+        index = (slice(None),) * dim + (slice(start, start + size),)
+        return self._slice[index]
+
+    def full(self) -> torch.Tensor:
+        return self._f.get_tensor(self._key)
 
 
 def _open(path: Path, device: str):

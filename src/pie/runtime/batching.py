@@ -44,7 +44,10 @@ class FedSteps:
     return_logprobs: bool = False  # a row wants the log-probability of its token
 
 
-def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None) -> ForwardBatch:
+def build_batch(
+    chunks: list[Chunk], page_size: int, fed: FedSteps | None = None, recurrent: bool = False
+) -> ForwardBatch:
+    """recurrent: name each row's recurrent-state slot (hybrid models)."""
     n_fed = 0 if fed is None else len(fed.gens)
     R = n_fed + len(chunks)
     # the fed rows' positions, pages and records are extended in place (a FedSteps serves one batch)
@@ -142,6 +145,15 @@ def build_batch(chunks: list[Chunk], page_size: int, fed: FedSteps | None = None
         mask=mask,
         mask_indptr=mask_indptr,
         prev_token_rows=prev_rows,
+        state_slots=(
+            np.array(
+                [g.seq.state_slot for g in (fed.gens if fed is not None else [])]
+                + [c.work.seq.state_slot for c in chunks],
+                dtype=np.int32,
+            )
+            if recurrent
+            else None
+        ),
     )
 
 

@@ -27,10 +27,11 @@ from pie.errors import DriverError, ModelError
 from pie.inferlets.loader import load_inferlet
 from pie.models.tokenizer import Tokenizer
 from pie.runtime.kvcache import KVCache
+from pie.runtime.messaging import Broker
 from pie.runtime.pages import DEFAULT_HINT, PageAllocator
 from pie.runtime.scheduler import Scheduler
 from pie.runtime.scope import InferletScope, set_scope
-from pie.runtime.session import SessionChannel
+from pie.runtime.session import Session
 from pie.runtime.snapshots import SnapshotStore
 
 
@@ -71,6 +72,7 @@ class Engine:
         self.default_model = config.default_model.name if config is not None else None
         self._started = False
         self._given_snapshot_dir: str | Path | None = None
+        self.broker = Broker()  # messages between its inferlets (inferlet.messaging)
 
     @classmethod
     def from_drivers(
@@ -135,7 +137,11 @@ class Engine:
             )
         allocator = PageAllocator(caps.num_pages, hint)
         kv = KVCache(
-            allocator, caps.page_size, getattr(caps, "num_swap_slots", 0), caps.extra.get("kv_window") or None
+            allocator,
+            caps.page_size,
+            getattr(caps, "num_swap_slots", 0),
+            caps.extra.get("kv_window") or None,
+            num_state_slots=getattr(caps, "num_state_slots", 0),
         )
         scheduler = Scheduler(driver, caps, kv, hint)
         fingerprint = (
@@ -193,27 +199,43 @@ class Engine:
         input: dict | None = None,
         *,
         model: str | None = None,
-        session: SessionChannel | None = None,
+        session: Session | None = None,
     ) -> str:
         """Run one inferlet to completion and return its result as text.
 
         model: the model `Model.load()` gives this inferlet (default: the engine's default).
-        session: the client channel `inferlet.session` talks to (pie serve); None: no client.
+        session: its client (pie.runtime.session; `pie run` gives a StdioSession); None: no client.
         A str result is returned as is; None becomes ""; anything else is JSON (or str) encoded.
         """
+        return await self.spawn_inferlet(inferlet, input, model=model, session=session)
+
+    def spawn_inferlet(
+        self,
+        inferlet: str | Path | ModuleType | Callable,
+        input: dict | None = None,
+        *,
+        model: str | None = None,
+        session: Session | None = None,
+    ) -> asyncio.Task[str]:
+        """Start an inferlet in a task of its own, with its own scope, and return the task: awaiting it
+        gives run_inferlet's result; cancelling it ends the inferlet and frees what it holds."""
         main = load_inferlet(inferlet)
         default = self.model(model).name
-        scope = InferletScope(engine=self, default_model=default, session=session)
+        program = inferlet if isinstance(inferlet, str | Path) else getattr(inferlet, "__name__", "")
+        scope = InferletScope(engine=self, default_model=default, session=session, program=str(program))
         ctx = contextvars.copy_context()
         ctx.run(set_scope, scope)
-        task = asyncio.get_running_loop().create_task(main(dict(input or {})), context=ctx)
-        try:
-            result = await task
-        finally:
-            scope.close_all()
-        if result is None:  # Pie's SDK: set_return(value) gives the result of a main that returns nothing
-            result = scope.returned
-        return _as_text(result)
+        return asyncio.get_running_loop().create_task(_run_main(main, dict(input or {}), scope), context=ctx)
+
+
+async def _run_main(main: Callable, input: dict, scope: InferletScope) -> str:
+    try:
+        result = await main(input)
+    finally:
+        scope.close_all()
+    if result is None:  # Pie's SDK: set_return(value) gives the result of a main that returns nothing
+        result = scope.returned
+    return _as_text(result)
 
 
 def _as_text(result) -> str:

@@ -13,6 +13,14 @@ Prefix cache. Each full page of a sequence's causal prefix gets a key chained ov
 batch has finished, the cache takes a reference on it under its key. A new pass whose prefix keys
 match takes those pages instead of prefilling them. Cached pages nobody else holds are evicted
 least-recently-used first, only when memory is needed.
+
+Recurrent state (hybrid models, Qwen 3.5). The driver keeps each sequence's recurrent state in a slot of
+its state pool; a sequence (or snapshot) holds one slot (Sequence.state_slot). Fork, save and open copy
+the slot (a state_copy op), disk snapshots read and write its bytes; a sequence dropped for recompute lets
+its slot go, and its next pass, starting again at token 0, rebuilds the state. Without a free slot, a
+fork or an open gets the tokens only and recomputes them. The prefix cache is off for these models: a
+cached page holds keys and values, but continuing after it would also need the recurrent state of exactly
+that prefix, which nothing keeps. A computed token cannot be truncated away (the state cannot be rewound).
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ class Snapshot:
     causal_len: int
     kv_len: int  # tokens[:kv_len] are in the pages; the rest are computed by the first pass after open
     disk_data: np.ndarray | None = None  # [num_pages, page_nbytes] uint8 when loaded from disk, not resident
+    state_slot: int = -1  # hybrid models: the state-pool slot holding the state of tokens[:kv_len]
+    disk_state: np.ndarray | None = None  # [1, state_nbytes] uint8 when loaded from disk, not resident
 
 
 @dataclass
@@ -69,9 +79,18 @@ class _PendingOps:
     write: list[int] = field(default_factory=list)
     write_data: list[np.ndarray] = field(default_factory=list)
     copy_src: dict[int, int] = field(default_factory=dict)  # dst -> src of the copies above
+    state_copy: list[tuple[int, int]] = field(default_factory=list)  # (src slot, dst slot)
+    state_write: list[int] = field(default_factory=list)
+    state_write_data: list[np.ndarray] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.swap_out or self.copy or self.swap_in or self.write)
+        return bool(
+            self.swap_out or self.copy or self.swap_in or self.write or self.state_copy or self.state_write
+        )
+
+    def state_written(self) -> set[int]:
+        """State slots this group writes (its copies run, reading every source, before its writes)."""
+        return {d for _, d in self.state_copy} | set(self.state_write)
 
     def written_after_copies(self) -> set[int]:
         """Device pages this group writes after its copies read them (swap_in, write)."""
@@ -94,12 +113,20 @@ class _PendingOps:
             swap_in=np.asarray(self.swap_in, np.int32).reshape(-1, 2),
             write=np.asarray(self.write, np.int32),
             write_data=np.concatenate(self.write_data) if self.write_data else None,
+            state_copy=np.asarray(self.state_copy, np.int32).reshape(-1, 2),
+            state_write=np.asarray(self.state_write, np.int32),
+            state_write_data=np.concatenate(self.state_write_data) if self.state_write_data else None,
         )
 
 
 class KVCache:
     def __init__(
-        self, allocator: PageAllocator, page_size: int, num_swap_slots: int = 0, window: int | None = None
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        num_swap_slots: int = 0,
+        window: int | None = None,
+        num_state_slots: int = 0,
     ) -> None:
         self.alloc = allocator
         self.ps = page_size
@@ -118,6 +145,54 @@ class KVCache:
         self.num_swap_slots = num_swap_slots
         self._ids = itertools.count(1)
         self._anon = itertools.count(1)
+        # hybrid models: the driver's recurrent-state slots (see the module docstring)
+        self.num_state_slots = num_state_slots
+        self._free_state = list(range(num_state_slots - 1, -1, -1))
+
+    @property
+    def recurrent(self) -> bool:
+        """The model keeps per-sequence recurrent state (a hybrid model)."""
+        return self.num_state_slots > 0
+
+    @property
+    def num_free_state_slots(self) -> int:
+        return len(self._free_state)
+
+    # ---- recurrent-state slots ------------------------------------------------------------------
+    def take_state_slot(self, seq: Sequence) -> bool:
+        """Give seq a state slot (its state then covers nothing yet); False when none is free."""
+        if seq.state_slot >= 0:
+            return True
+        if not self._free_state:
+            return False
+        seq.state_slot, seq.state_len = self._free_state.pop(), 0
+        return True
+
+    def _free_state_slot(self, holder: Sequence | Snapshot) -> None:
+        if holder.state_slot >= 0:
+            self._free_state.append(holder.state_slot)
+            holder.state_slot = -1
+        if isinstance(holder, Sequence):
+            holder.state_len = 0
+
+    def has_state(self, seq: Sequence) -> bool:
+        """seq's slot holds the recurrent state of exactly its computed tokens (it may continue)."""
+        return seq.state_slot >= 0 and seq.state_len == seq.kv_len
+
+    def _copy_state(self, src: int, dst: int) -> None:
+        g = self._groups[-1]
+        if src in g.state_written() or dst in g.state_written():
+            g = _PendingOps()
+            self._groups.append(g)
+        g.state_copy.append((src, dst))
+
+    def _write_state(self, slot: int, data: np.ndarray) -> None:
+        g = self._groups[-1]
+        if slot in g.state_written():
+            g = _PendingOps()
+            self._groups.append(g)
+        g.state_write.append(slot)
+        g.state_write_data.append(data)
 
     # ---- sequences ----------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:
@@ -155,6 +230,7 @@ class KVCache:
         seq.kv_len = 0
         seq.released = 0
         seq.state = RESIDENT
+        self._free_state_slot(seq)
 
     def fork(self, seq: Sequence) -> Sequence:
         """A sequence with the same KV: full pages shared, the partial last page copied on the device."""
@@ -176,6 +252,15 @@ class KVCache:
         dst.state = RESIDENT
         if isinstance(src, Sequence) and src.state == DROPPED:  # nothing resident: the copy recomputes too
             kv = 0
+        if self.recurrent and kv:
+            # the recurrent state comes along in a slot of dst's own, or dst recomputes everything
+            usable = src.state_slot >= 0 and (not isinstance(src, Sequence) or self.has_state(src))
+            if usable and self.take_state_slot(dst):
+                self._copy_state(src.state_slot, dst.state_slot)
+                dst.state_len = kv
+            else:
+                kv = 0
+                dst.causal_len = 0
         full = kv // self.ps
         # the partial last page is shared too: whoever writes into it first copies it (Scheduler._cow)
         dst.pages = list(src.pages[: -(-kv // self.ps)])
@@ -188,13 +273,25 @@ class KVCache:
         ):
             dst.released += 1
 
-    def truncate(self, seq: Sequence, n: int) -> None:
-        """Drop the last n tokens of the KV (e.g. rejected speculative drafts)."""
+    def truncate(self, seq: Sequence, n: int, recompute: bool = False) -> None:
+        """Drop the last n tokens of the KV (e.g. rejected speculative drafts).
+
+        Hybrid models cannot rewind their recurrent state: dropping computed tokens fails (PieError), or
+        with `recompute` (the runtime's own rewinds) drops the whole KV to be recomputed by the next pass."""
         self._require_idle(seq, "truncate")
         if not 0 <= n <= seq.num_tokens:
             raise ValueError(f"cannot truncate {n} tokens of a context holding {seq.num_tokens}")
         if n == 0:
             return
+        if self.recurrent and seq.num_tokens - n < seq.kv_len:
+            if not recompute:
+                raise PieError(
+                    f"this model has recurrent layers whose state cannot be rewound: truncate can only drop "
+                    f"tokens not computed yet (the last {seq.num_tokens - seq.kv_len}), not {n}; save a "
+                    "snapshot before the tokens you may want to drop, and open it instead of truncating"
+                )
+            self.drop(seq)  # the next pass recomputes the kept tokens, rebuilding the state
+            self.stats.preemptions -= 1  # not a preemption
         if seq.released:  # slots the kept tokens still need may have left the window: recompute them all
             self.drop(seq)
             self.stats.preemptions -= 1  # not a preemption
@@ -262,6 +359,7 @@ class KVCache:
             holder.hashes,
             holder.causal_len,
             holder.kv_len,
+            state_slot=holder.state_slot,
         )
         return name
 
@@ -286,6 +384,7 @@ class KVCache:
         seq = self.new_sequence()
         seq.pages, seq.tokens, seq.positions = snap.pages, snap.tokens, snap.positions
         seq.hashes, seq.causal_len, seq.kv_len = snap.hashes, snap.causal_len, snap.kv_len
+        seq.state_slot, seq.state_len = snap.state_slot, snap.kv_len if snap.state_slot >= 0 else 0
         return seq
 
     def delete(self, name: str) -> bool:
@@ -293,6 +392,7 @@ class KVCache:
         if snap is None:
             return False
         self.alloc.decref(snap.pages)
+        self._free_state_slot(snap)
         return True
 
     def add_disk_snapshot(self, snap: Snapshot) -> None:
@@ -301,6 +401,14 @@ class KVCache:
 
     def _load_from_disk(self, snap: Snapshot) -> None:
         assert snap.disk_data is not None
+        if snap.disk_state is not None:  # hybrid: the state goes to a slot, or everything is recomputed
+            state, snap.disk_state = snap.disk_state, None
+            if not self._free_state:
+                snap.kv_len = snap.causal_len = 0
+                snap.hashes, snap.disk_data = [], None
+                return
+            snap.state_slot = self._free_state.pop()
+            self._write_state(snap.state_slot, state)
         snap.pages = self.alloc_pages(snap.disk_data.shape[0])
         g = self._group(reads=snap.pages)
         if g.written_after_copies() & set(snap.pages):
@@ -364,6 +472,7 @@ class KVCache:
         kv = seq.kv_len
         if (
             self.hole is not None
+            or self.recurrent
             or not self._cache
             or kv % ps
             or seq.causal_len != kv
@@ -395,7 +504,7 @@ class KVCache:
 
     def register(self, seq: Sequence, upto: int) -> None:
         """Cache seq's full causal pages whose KV is complete up to slot `upto`."""
-        if self.hole is not None:  # no prefix cache for models whose every layer slides (see __init__)
+        if self.hole is not None or self.recurrent:  # no prefix cache for these (see __init__, module doc)
             return
         ps = self.ps
         last = min(upto, seq.causal_len, seq.kv_len) // ps
@@ -465,6 +574,7 @@ class KVCache:
         seq.hashes = []
         seq.kv_len = 0
         seq.state = DROPPED
+        self._free_state_slot(seq)  # recomputing from token 0 rebuilds the state
 
     def drop(self, seq: Sequence) -> None:
         """Preempt by recompute whatever seq holds (resident or swapped pages): all of it is let go."""

@@ -13,6 +13,10 @@ Each step:
   4. Each chunk pins the pages it reads and writes until its batch ends; page movements the step needs
      (copies, swaps) are sent to the driver just before the batch, in order.
 
+Hybrid models (recurrent layers): a sequence needs a recurrent-state slot to run; when none is free, an
+idle sequence's slot is taken (it is dropped, to be recomputed), chosen like a preemption victim; a
+sequence whose state fell out of step with its KV (a failed or cancelled pass) is recomputed from token 0.
+
 Generations (work.Generation) step inside this loop: their sampled token is fed back on the device, so
 while a batch of only generation steps runs, the next one is built and queued behind it (two batches
 in flight); the inferlet is woken only when it wants tokens. A batch whose driver call raises fails
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,7 +36,7 @@ import numpy as np
 
 from pie.drivers.base import Driver
 from pie.drivers.protocol import BatchError, Capabilities, ForwardBatch, ForwardResult, PageOps, PageOpsResult
-from pie.errors import DriverError
+from pie.errors import DriverError, PieError
 from pie.runtime.batching import _RECORD, Chunk, FedSteps, build_batch, check_result, split_result
 from pie.runtime.kvcache import KVCache
 from pie.runtime.pages import OutOfPagesError
@@ -72,6 +77,9 @@ class Scheduler:
         self.num_steps = 0
         self.pipelining = True
         self._fed = FedSteps()  # the fed steps of the batch being planned (see _plan)
+        self.last_step_s = 0.0  # how long the driver took for the last batch (inferlet.scheduling.latency)
+        # priority of the last context preempted for room and the step it happened in (scheduling.rent)
+        self.last_victim_priority, self.last_victim_step = 0.0, -1
 
     # ---- public --------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +112,26 @@ class Scheduler:
         self.kv.release(seq)
         self._wake.set()  # its pages may be what a waiting pass needs
 
+    def suspend(self, seq: Sequence) -> int:
+        """Preempt seq now at its owner's request (Pie's Context.suspend): its pages go to host swap
+        slots, or are dropped to be recomputed, and come back before its next pass. Returns the pages it
+        gave back (now free, or held only by the prefix cache, which lets them go on demand); pages shared
+        with forks or snapshots stay."""
+        if seq.work is not None or seq.inflight:
+            raise PieError("cannot suspend a context while a pass runs on it; await the pass first")
+        if seq.state != RESIDENT or not seq.pages:
+            return 0
+        free = self.kv.freeable(seq)
+        swap = self.kv.num_swap_slots > 0 and free <= len(self.kv._free_slots)
+        if seq.causal_len < seq.kv_len and not swap:
+            raise PieError(
+                "cannot suspend this context: its KV was computed under a custom attention mask, so it "
+                "cannot be recomputed, and there are no free host swap slots to keep it"
+            )
+        self.kv.preempt(seq, swap=swap)
+        self._wake.set()  # its pages may be what a waiting pass needs
+        return free
+
     def submit(self, w: Work) -> asyncio.Future:
         """Queue a pass; the future resolves to its ForwardResult (outputs in the caller's order)."""
         self.check_alive()
@@ -112,6 +140,8 @@ class Scheduler:
             self.caps.vocab_size, self.caps.max_dist_size, self.caps.max_batch_tokens, self.max_position
         )
         self._check_fits(w.seq.num_tokens + w.num_tokens)
+        if self.kv.recurrent:
+            self._check_recurrent(w)
         fut = asyncio.get_running_loop().create_future()
         w.enter(fut)
         fut.add_done_callback(lambda f, w=w: self._on_done(w, f))
@@ -146,6 +176,23 @@ class Scheduler:
             raise DriverError("this context was released")
         if seq.work is not None:
             raise BatchError("a pass or generation is already running on this context; await it first")
+
+    def _check_recurrent(self, w: Work) -> None:
+        """What a hybrid model's recurrent layers cannot honour, refused where the pass enters."""
+        arch = self.caps.architecture
+        if w.mask is not None:
+            raise BatchError(
+                f"{arch} has recurrent (Gated DeltaNet) layers, which see every earlier token in order: a "
+                "custom attention mask cannot be honoured; run the pass without one"
+            )
+        seq, pos = w.seq, w.positions
+        start = seq.positions[-1] + 1 if seq.positions else int(pos[0])
+        if int(pos[0]) != start or (len(pos) > 1 and np.any(np.diff(pos) != 1)):
+            raise BatchError(
+                f"{arch} has recurrent layers, which see tokens in order whatever their positions: positions "
+                f"must be consecutive, continuing the context (expected {start}, {start + 1}, ...; got "
+                f"{', '.join(map(str, pos[:4].tolist()))}{', ...' if len(pos) > 4 else ''})"
+            )
 
     def _check_fits(self, num_tokens: int) -> None:
         need = -(-num_tokens // self.kv.ps)
@@ -291,7 +338,7 @@ class Scheduler:
             g.steps += 1
             if seq.causal_len >= nt:
                 seq.causal_len = nt + 1
-            seq.kv_len = nt + 1
+            seq.kv_len = seq.state_len = nt + 1
             in_plan.add(seq.id)
             # launch bookkeeping here (rows 0..n-1 of the batch are these steps, in this order)
             seq.inflight += 1
@@ -337,6 +384,8 @@ class Scheduler:
             return None
         seq = w.seq
         g: Generation | None = w if w.is_generation else None  # type: ignore[assignment]
+        if self.kv.recurrent and not self._state_slot(seq, in_plan, may_preempt):
+            return None
         if seq.state == SWAPPED:
             need = self.kv.resume_cost(seq)
             if not self._make_room(need, seq, in_plan, may_preempt) or not self.kv.ensure_resident(seq):
@@ -385,10 +434,41 @@ class Scheduler:
             out, samp = w.out_slots[a:b], w.sorted_samplers[a:b]
         if seq.causal_len >= lo and (w.mask is None or hi <= w.base):
             seq.causal_len = max(seq.causal_len, hi)
-        seq.kv_len = hi
+        seq.kv_len = seq.state_len = hi
         w.started = True
         in_plan.add(seq.id)
         return Chunk(w, lo, hi, out, samp, -1, out is None)
+
+    def _state_slot(self, seq: Sequence, in_plan: set[int], may_preempt: bool) -> bool:
+        """Hybrid models: seq holds a state slot matching its KV (recomputed from token 0 when its state
+        fell out of step); False when no slot can be had now."""
+        kv = self.kv
+        if seq.kv_len and not kv.has_state(seq):  # a failed or cancelled pass moved the state or the KV
+            if seq.inflight:
+                return False
+            kv.drop(seq)
+            kv.stats.preemptions -= 1  # a recompute, not a preemption
+            seq.state = RESIDENT
+        while not kv.take_state_slot(seq):
+            victim = self._state_victim(seq, in_plan, only_idle=not may_preempt)
+            if victim is None:
+                return False
+            kv.drop(victim)  # its slot (and pages) go; its next pass recomputes it
+        return True
+
+    def _state_victim(self, seq: Sequence, in_plan: set[int], only_idle: bool) -> Sequence | None:
+        """A sequence holding a state slot that may give it up: idle first, then the lowest priority,
+        then the most recently started work (as _victim)."""
+        best, best_key = None, None
+        for s in self.seqs.values():
+            if s is seq or s.state_slot < 0 or s.id in in_plan or s.inflight or s.closed:
+                continue
+            if only_idle and s.work is not None:
+                continue
+            key = (s.work is None, -s.priority, s.work.arrival if s.work is not None else -1)
+            if best_key is None or key > best_key:
+                best, best_key = s, key
+        return best
 
     def _cow(self, seq: Sequence, slot: int, in_plan: set[int], may_preempt: bool) -> bool:
         """Copy-on-write: slot's page is shared (a fork's, a snapshot's, the prefix cache's); give seq its
@@ -418,6 +498,7 @@ class Scheduler:
                 continue
             victim = self._victim(seq, in_plan, only_idle=not may_preempt)
             if victim is not None:
+                self.last_victim_priority, self.last_victim_step = victim.priority, self.num_steps
                 self.kv.preempt(victim, swap=self.kv.num_swap_slots > 0)
                 continue
             # nobody frees a page alone: pages shared by several idle contexts (forks, a swapped-out
@@ -443,7 +524,8 @@ class Scheduler:
         one asking, that preempting would free pages (and that can be restored exactly: swapped, or
         recomputed when their whole history was causal): idle contexts (no pass waiting, e.g. an agent
         waiting on a tool) first, then the lowest priority (scheduling hints), then the most recently
-        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages."""
+        started work (LIFO, as vLLM does). A pass that has not started may only take idle contexts' pages, and
+        work never takes the pages of work with a higher priority (it waits)."""
         best, best_key = None, None
         swap_ok = self.kv.num_swap_slots > 0
         for s in self.seqs.values():
@@ -451,6 +533,8 @@ class Scheduler:
                 continue
             if only_idle and s.work is not None:
                 continue
+            if s.work is not None and seq.work is not None and s.priority > seq.priority:
+                continue  # a lower bid waits rather than take a higher bid's pages (it is the victim later)
             free = self.kv.freeable(s)
             if not free:
                 continue
@@ -482,7 +566,7 @@ class Scheduler:
                 decoded += c.hi - c.lo == 1
             else:
                 row += c.out_slots.shape[0]
-        batch = build_batch(chunks, self.kv.ps, fed)
+        batch = build_batch(chunks, self.kv.ps, fed, recurrent=self.kv.recurrent)
         # every page a chunk reads or writes stays pinned until the batch ends
         pinned = batch.kv_page_indices
         self.kv.alloc.pin(pinned)
@@ -511,7 +595,10 @@ class Scheduler:
             self._dead = DriverError(f"KV page operations failed: {e}")
 
     async def _forward(self, batch: ForwardBatch) -> ForwardResult:
-        return await self.driver.forward(batch)
+        t0 = time.perf_counter()
+        result = await self.driver.forward(batch)
+        self.last_step_s = time.perf_counter() - t0
+        return result
 
     def _finish(self, b: _Batch) -> None:
         try:

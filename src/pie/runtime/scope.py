@@ -14,7 +14,7 @@ from pie.errors import PieError
 
 if TYPE_CHECKING:
     from pie.runtime.engine import Engine
-    from pie.runtime.session import SessionChannel
+    from pie.runtime.session import Session
 
 
 class Closable(Protocol):
@@ -27,10 +27,8 @@ class InferletScope:
     default_model: str
     resources: dict[int, Closable] = field(default_factory=dict)  # id -> open contexts, in creation order
     returned: object = None  # inferlet.set_return(value): the result when main returns None
-    # the client connection of an inferlet launched through `pie serve` (inferlet.session); None under
-    # `pie run`. Any object with send(str), send_file(bytes, name), async receive() -> str and
-    # async receive_file() -> bytes (pie.runtime.session.SessionChannel).
-    session: SessionChannel | None = None
+    session: Session | None = None  # the client (pie.runtime.session); None: no client attached
+    program: str = ""  # what was run (a built-in name, a path, a function's name): for launch / logs
 
     def track(self, obj: Closable) -> None:
         self.resources[id(obj)] = obj
@@ -39,7 +37,7 @@ class InferletScope:
         self.resources.pop(id(obj), None)
 
     def close_all(self) -> None:
-        """Free what the inferlet left open (its contexts' pages)."""
+        """Free what the inferlet left open (its contexts' pages, subscriptions, running children)."""
         for obj in list(self.resources.values())[::-1]:
             obj.close()
         self.resources.clear()

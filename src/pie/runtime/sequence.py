@@ -10,6 +10,11 @@
                 function of (tokens, positions) alone: shareable through the prefix cache, and exactly
                 recomputable after preemption
 
+    state_slot  hybrid models (recurrent layers): the driver's state-pool slot holding the recurrent state
+                of tokens [0, state_len); -1 when it holds none. The state is usable only when
+                state_len == kv_len (a failed or cancelled pass leaves them apart: the next pass then
+                recomputes the sequence from its first token, which rebuilds the state)
+
 Invariant: a sequence's partial last page is never shared (fork, save and truncate copy it), so a
 sequence only ever writes into pages it alone holds.
 """
@@ -42,6 +47,8 @@ class Sequence:
     priority: float = 0.0  # higher is preempted later (scheduling hints)
     last_step: int = 0  # last step it ran in (victim order)
     closed: bool = False
+    state_slot: int = -1  # recurrent-state slot (hybrid models), -1: none
+    state_len: int = 0  # tokens the slot's state covers
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ save() also writes the snapshot to `<dir>/<quoted name>.pie-kv` in the backgroun
 lists those files at start and reads a file's pages back when it is first opened. A file is
 
     b"PIEKV1\\n" | u64 header length | header (JSON) | pages (num_pages x page_nbytes raw KV bytes)
+        | recurrent state (state_nbytes raw bytes of the snapshot's state slot; hybrid models only)
 
 and the header carries the driver's KV fingerprint (model, page size, KV dtype and layout): a
 snapshot written by another model or page size is refused with a message naming both.
@@ -108,9 +109,15 @@ class SnapshotStore:
         if snap is None:
             return
         data = np.zeros((0, 0), np.uint8)
-        if snap.pages:
-            res = await self.scheduler.page_io(PageOps(read=np.asarray(snap.pages, np.int32)))
-            data = res.data
+        state = np.zeros((0, 0), np.uint8)
+        if snap.pages or snap.state_slot >= 0:
+            slots = [snap.state_slot] if snap.state_slot >= 0 else []
+            ops = PageOps(read=np.asarray(snap.pages, np.int32), state_read=np.asarray(slots, np.int32))
+            res = await self.scheduler.page_io(ops)
+            if snap.pages:
+                data = res.data
+            if slots:
+                state = res.state_data
         header = {
             "name": name,
             "fingerprint": self.fingerprint,
@@ -122,11 +129,12 @@ class SnapshotStore:
             "kv_len": snap.kv_len,
             "num_pages": int(data.shape[0]),
             "page_nbytes": int(data.shape[1]) if data.ndim == 2 else 0,
+            "state_nbytes": int(state.shape[1]) if state.shape[0] else 0,
         }
         path = self._path(name)
         tmp = path.with_suffix(".tmp")
         try:
-            await asyncio.to_thread(_write_file, tmp, header, data)
+            await asyncio.to_thread(_write_file, tmp, header, data, state)
             os.replace(tmp, path)
         except OSError as e:
             log.error("could not write snapshot %r to %s: %s", name, path, e)
@@ -135,7 +143,7 @@ class SnapshotStore:
         path = self._on_disk.get(name)
         if path is None or name in self.kv.snapshots:
             return
-        header, data = _read_file(path)
+        header, data, state = _read_file(path)
         if header.get("fingerprint") != self.fingerprint:
             raise SnapshotError(
                 f"snapshot {name!r} ({path}) was saved by another model or KV layout "
@@ -146,6 +154,7 @@ class SnapshotStore:
         snap = Snapshot(
             name, [], list(header["tokens"]), list(header["positions"]), list(header["hashes"]),
             int(header["causal_len"]), int(header["kv_len"]), disk_data=data if data.shape[0] else None,
+            disk_state=state if state.shape[0] else None,
         )  # fmt: skip
         self.kv.add_disk_snapshot(snap)
 
@@ -157,16 +166,18 @@ class SnapshotStore:
                 log.warning("could not remove snapshot file of %r: %s", name, e)
 
 
-def _write_file(path: Path, header: dict, data: np.ndarray) -> None:
+def _write_file(path: Path, header: dict, data: np.ndarray, state: np.ndarray) -> None:
     head = json.dumps(header).encode()
     with open(path, "wb") as f:
         f.write(MAGIC)
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         f.write(np.ascontiguousarray(data).tobytes())
+        f.write(np.ascontiguousarray(state).tobytes())
 
 
-def _read_file(path: Path) -> tuple[dict, np.ndarray]:
+def _read_file(path: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(header, pages [num_pages, page_nbytes], state [1 or 0, state_nbytes]) of a snapshot file."""
     try:
         with open(path, "rb") as f:
             if f.read(len(MAGIC)) != MAGIC:
@@ -177,6 +188,11 @@ def _read_file(path: Path) -> tuple[dict, np.ndarray]:
     except (OSError, ValueError, struct.error) as e:
         raise SnapshotError(f"cannot read snapshot file {path}: {e}") from None
     pages, nbytes = int(header["num_pages"]), int(header["page_nbytes"])
-    if raw.size != pages * nbytes:
-        raise SnapshotError(f"snapshot file {path} is truncated ({raw.size} of {pages * nbytes} page bytes)")
-    return header, raw.reshape(pages, nbytes).copy()
+    state_nbytes = int(header.get("state_nbytes", 0))
+    if raw.size != pages * nbytes + state_nbytes:
+        raise SnapshotError(
+            f"snapshot file {path} is truncated ({raw.size} of {pages * nbytes + state_nbytes} bytes)"
+        )
+    data = raw[: pages * nbytes].reshape(pages, nbytes).copy()
+    state = raw[pages * nbytes :].reshape(1 if state_nbytes else 0, state_nbytes).copy()
+    return header, data, state

@@ -196,7 +196,7 @@ class Context:
         if not seq.num_tokens:
             return
         t, p = seq.tokens[-1], seq.positions[-1]
-        self._rt.kv.truncate(seq, 1)
+        self._rt.kv.truncate(seq, 1, recompute=True)  # hybrid models recompute (their state cannot rewind)
         self._pending.insert(0, t)
         self._pending_pos.insert(0, p)
 

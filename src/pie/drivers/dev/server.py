@@ -34,7 +34,8 @@ from pie.drivers.protocol import PROTOCOL_VERSION, BatchError, ForwardBatch, Pag
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import PieError
 
-DEFAULT_EXECUTOR = "pie.drivers.executor:ModelExecutor"
+# ModelExecutor, or at tensor_parallel_size > 1 this process as rank 0 of a group it starts (pie.drivers.tp)
+DEFAULT_EXECUTOR = "pie.drivers.tp:build_executor"
 
 
 def log(msg: str) -> None:
@@ -156,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         executor = handshake(chan, args.executor)
         if executor is None:
             return 1
-        return serve(chan, executor)
+        try:
+            return serve(chan, executor)
+        finally:
+            close = getattr(executor, "close", None)  # tensor parallel: stop the other ranks
+            if close is not None:
+                close()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         log("parent closed the channel; exiting")
         return 0
