@@ -105,6 +105,10 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "that returns at once (no model, no GPU)",
     )
     p.set_defaults(func=run)
+    # `pie bench serve ...`: load on a running server (pie.cli.bench_serve_cmd)
+    from pie.cli import bench_serve_cmd
+
+    bench_serve_cmd.register(p.add_subparsers(dest="bench_kind", metavar="serve"), common)
 
 
 def _progress():

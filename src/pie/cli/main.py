@@ -18,7 +18,16 @@ from pie.cli.logs import configure as configure_logging
 from pie.errors import PieError
 
 # subcommand modules under pie.cli, in the order `pie --help` lists them
-COMMANDS = ["run_cmd", "config_cmd", "model_cmd", "driver_cmd", "doctor_cmd", "bench_cmd"]
+COMMANDS = [
+    "run_cmd",
+    "serve_cmd",
+    "auth_cmd",
+    "config_cmd",
+    "model_cmd",
+    "driver_cmd",
+    "doctor_cmd",
+    "bench_cmd",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
