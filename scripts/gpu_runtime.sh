@@ -6,60 +6,13 @@
 # Usage (repository root, on the GPU machine):  bash scripts/gpu_runtime.sh [STEP ...]
 # Steps: warm tests families moe bench-qwen3 bench-llama1b bench-8b noop run   (default: all but families/moe)
 # The whole run stays under PIE_GPU_BUDGET_S seconds (default 560).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT/logs"
-BUDGET="${PIE_GPU_BUDGET_S:-560}"
-START=$SECONDS
-export PIE_HOME="$(mktemp -d)" HF_HUB_OFFLINE=1 PIE_REQUIRE_FLASHINFER=1 PYTHONUNBUFFERED=1
-export PIE_PARITY_LOG="$OUT/logs/parity.tsv"
+source "$(dirname "$0")/gpu_lib.sh"
+export PIE_PARITY_LOG="$LOGS/parity.tsv"
 STEPS="${*:-warm tests bench-qwen3 bench-llama1b noop run}"
 
-run() {  # run NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2 left rc
-  shift 2
-  left=$((BUDGET - (SECONDS - START)))
-  if ((left < 20)); then echo "== $name: SKIPPED (${left}s left)" | tee -a "$OUT/summary.txt"; return; fi
-  ((limit > left)) && limit=$left
-  echo "== $name (limit ${limit}s, $((SECONDS - START))s elapsed)"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
-  rc=$?
-  tail -n 25 "$OUT/logs/$name.log"
-  echo "== $name: rc=$rc after $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
-}
-has() { [[ " $STEPS " == *" $1 "* ]]; }
+use_wheels
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$LOGS/env.log"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  [ -d /tmp/site/flashinfer ] || pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:src
-else
-  export PYTHONPATH=src
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/logs/env.log"
-
-warm() {
-  python - "$@" <<'PY'
-import sys, time
-import torch
-from pie.attention.base import AttentionMetadata
-from pie.attention.flashinfer_backend import FlashInferBackend
-from pie.drivers.protocol import make_batch
-t0, dev, ps = time.time(), torch.device("cuda:0"), 16
-hq, hkv, d = map(int, sys.argv[1:4])
-be = FlashInferBackend(hq, hkv, d, ps, torch.bfloat16, dev)
-kv = torch.randn(4, 2, ps, hkv, d, device=dev, dtype=torch.bfloat16)
-reqs = [dict(token_ids=[0] * n, positions=list(range(n)), pages=[i], last_page_len=n) for i, n in enumerate((1, 5))]
-kinds = {"decode": [reqs[0]], "prefill": reqs}
-for kind in sys.argv[4].split(","):
-    b = make_batch(kinds[kind], ps)
-    be.plan(AttentionMetadata.from_batch(b, ps, dev))
-    be.run(torch.randn(b.num_tokens, hq, d, device=dev, dtype=torch.bfloat16), kv, 0)
-torch.cuda.synchronize()
-print(f"warm {' '.join(sys.argv[1:])}: {time.time() - t0:.1f}s", flush=True)
-PY
-}
-export -f warm
 if has warm; then
   run jit-warmup 300 bash -c 'warm 16 8 128 decode,prefill & warm 4 2 64 decode,prefill & warm 32 8 64 decode & wait'
 fi

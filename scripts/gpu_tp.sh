@@ -9,67 +9,21 @@
 # Steps: warm test run bench1 bench2 bench4 bench2nccl summary (default: all). Small all-reduces use
 # symmetric memory (one-shot, peer to peer) unless PIE_TP_ALLREDUCE=nccl; bench2nccl is tp 2 with NCCL only.
 # The whole run stays under PIE_GPU_BUDGET_S seconds (default 560).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT/logs"
-BUDGET="${PIE_GPU_BUDGET_S:-560}"
-START=$SECONDS
-export PIE_HOME="$(mktemp -d)" HF_HUB_OFFLINE=1 PIE_REQUIRE_FLASHINFER=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_lib.sh"
 # NVLink multicast stays off on these shared hosts (KINDS.md); the ranks inherit this environment
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 STEPS="${*:-warm test run bench1 bench2 bench4 bench2nccl summary}"
 NGPU=$(nvidia-smi --list-gpus | wc -l)
 
-run() {  # run NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2 left rc
-  shift 2
-  left=$((BUDGET - (SECONDS - START)))
-  if ((left < 20)); then echo "== $name: SKIPPED (${left}s left)" | tee -a "$OUT/summary.txt"; return; fi
-  ((limit > left)) && limit=$left
-  echo "== $name (limit ${limit}s, $((SECONDS - START))s elapsed)"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
-  rc=$?
-  tail -n 25 "$OUT/logs/$name.log"
-  echo "== $name: rc=$rc after $((SECONDS - START))s" | tee -a "$OUT/summary.txt"
-}
-has() { [[ " $STEPS " == *" $1 "* ]]; }
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  [ -d /tmp/site/flashinfer ] || pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:src:tests
-else
-  export PYTHONPATH=src:tests
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/logs/env.log"
-nvidia-smi topo -m >> "$OUT/logs/env.log" 2>&1
+use_wheels tests
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$LOGS/env.log"
+nvidia-smi topo -m >> "$LOGS/env.log" 2>&1
 echo "GPUs: $NGPU" | tee -a "$OUT/summary.txt"
 
 # FlashInfer JIT for the per-rank head shapes (8B: 32/8 heads of 128 -> 16/4 at tp 2, 8/2 at tp 4; the tiny
 # test's 8/2, 4/1, 2/1 of 64), in parallel, so the timed steps do not compile
-warm() {
-  python - "$@" <<'PY'
-import sys, time
-import torch
-from pie.attention.base import AttentionMetadata
-from pie.attention.flashinfer_backend import FlashInferBackend
-from pie.drivers.protocol import make_batch
-t0, dev, ps = time.time(), torch.device("cuda:0"), 16
-hq, hkv, d = map(int, sys.argv[1:4])
-be = FlashInferBackend(hq, hkv, d, ps, torch.bfloat16, dev)
-kv = torch.randn(4, 2, ps, hkv, d, device=dev, dtype=torch.bfloat16)
-reqs = [dict(token_ids=[0] * n, positions=list(range(n)), pages=[i], last_page_len=n) for i, n in enumerate((1, 5))]
-for kind, rs in (("decode", [reqs[0]]), ("prefill", reqs)):
-    b = make_batch(rs, ps)
-    be.plan(AttentionMetadata.from_batch(b, ps, dev))
-    be.run(torch.randn(b.num_tokens, hq, d, device=dev, dtype=torch.bfloat16), kv, 0)
-torch.cuda.synchronize()
-print(f"warm {' '.join(sys.argv[1:])}: {time.time() - t0:.1f}s", flush=True)
-PY
-}
-export -f warm
 if has warm; then
-  run jit-warmup 300 bash -c 'warm 32 8 128 & warm 16 4 128 & warm 8 2 128 & warm 8 2 64 & warm 4 1 64 & warm 2 1 64 & wait'
+  run jit-warmup 300 bash -c 'for s in "32 8 128" "16 4 128" "8 2 128" "8 2 64" "4 1 64" "2 1 64"; do warm $s decode,prefill & done; wait'
 fi
 
 has test && run gpu-tp-test 240 python -m pytest tests/test_gpu_tp.py -q -rs -s -x -p no:cacheprovider

@@ -27,6 +27,7 @@ from test_parity_hf import (
     paged_prefill_decode,
     split_rows,
 )
+from test_run_cli import assert_dev_driver_matches_in_process
 from tiny_models import WINDOW
 
 from pie.drivers.kv_plan import page_bytes
@@ -222,12 +223,6 @@ def test_bundled_e2b_config_builds_transformers_parameter_count():
 def test_pie_run_in_process_and_dev_driver(g4, tmp_path, monkeypatch, capsys):
     """`pie run text-completion` on the gemma4 wrapper: the in-process driver and the dev driver (a
     subprocess) print the same greedy completion."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from pie.cli.main import main
 
     monkeypatch.setenv("PIE_HOME", str(tmp_path / "pie-home"))
     cfg = tmp_path / "config.toml"
@@ -236,20 +231,9 @@ def test_pie_run_in_process_and_dev_driver(g4, tmp_path, monkeypatch, capsys):
         'activation_dtype = "float32"\n[model.driver.options]\nkv_page_size = 4\nmax_batch_tokens = 64\n'
     )
     prompt = ["--", "--prompt", "Hello there", "--max-tokens", "8", "--temperature", "0"]
-    assert main(["run", "-c", str(cfg), "--in-process", "text-completion", *prompt]) == 0
-    in_process = capsys.readouterr().out
+    args = ["text-completion", *prompt]
+    in_process = assert_dev_driver_matches_in_process(cfg, args, capsys, PIE_HOME=str(tmp_path / "pie-home"))
     assert in_process.endswith("\n")
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": str(src), "PIE_HOME": str(tmp_path / "pie-home")}
-    r = subprocess.run(
-        [sys.executable, "-m", "pie", "run", "-c", str(cfg), "text-completion", *prompt],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == in_process and "dev driver" in r.stderr
 
 
 def test_older_and_wrapper_layouts_of_the_hub_config():

@@ -9,6 +9,9 @@ top-2 margin exceeds 0.3 (tests/test_gpu.py's rule), plus >= 99% top-1 agreement
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -28,24 +31,33 @@ from tiny_models import FAMILY_ARCHS, hf_model_class, make_tiny_checkpoint
 from pie.drivers.protocol import make_batch
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    cache: dict = {}
+def checkpoint_cache(
+    tmp_path_factory, make: Callable[..., Path] = make_tiny_checkpoint, **shapes
+) -> Callable:
+    """A module fixture's body: arch -> make(tmp dir, arch, **shapes), each checkpoint built once."""
+    cache: dict[str, Path] = {}
 
-    def make(arch: str):
+    def get(arch: str) -> Path:
         if arch not in cache:
-            cache[arch] = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, **TINY)
+            cache[arch] = make(tmp_path_factory.mktemp(arch), arch, **shapes)
         return cache[arch]
 
-    return make
+    return get
 
 
-def run_prefill_decode(ex, page_size: int, steps: int = 8) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Prefill 3 sequences (5, 17, 33 tokens) then `steps` pure decode steps (the decode wrappers of every
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return checkpoint_cache(tmp_path_factory, **TINY)
+
+
+def run_prefill_decode(
+    ex, page_size: int, steps: int = 8, lengths: tuple[int, ...] = (5, 17, 33)
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Prefill a sequence per prompt length (5, 17, 33 tokens) then `steps` pure decode steps (the decode wrappers of every
     kind) on ex, feeding back its own tokens. Returns each sequence's logit rows and its tokens (the prompt,
     then the `steps` fed tokens: a row per token)."""
     seqs, rng = Seqs(ex.num_pages, page_size, seed=page_size), np.random.default_rng(7)
-    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (5, 17, 33)]
+    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in lengths]
     batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], page_size)
     res = ex.execute(batch)
     got = [[rows] for rows in np.split(res.logits, batch.qo_indptr[1:-1])]

@@ -20,6 +20,7 @@ from test_gpu_families import (
     check_fp32_against_hf,
     check_graph_decode_matches_eager,
     check_real_shape,
+    checkpoint_cache,
 )
 
 # init std 0.03, not test_gpu.TINY's 0.075: at 0.075 the tiny Gemma 4 is chaotic in bf16 (transformers' own bf16
@@ -29,14 +30,7 @@ GPU_SHAPES = dict(hidden_size=256, head_dim=64, global_head_dim=128, initializer
 
 @pytest.fixture(scope="module")
 def g4gpu(tmp_path_factory):
-    cache: dict = {}
-
-    def make(arch: str):
-        if arch not in cache:
-            cache[arch] = make_gemma4_checkpoint(tmp_path_factory.mktemp(arch), arch, **GPU_SHAPES)
-        return cache[arch]
-
-    return make
+    return checkpoint_cache(tmp_path_factory, make_gemma4_checkpoint, **GPU_SHAPES)
 
 
 @pytest.mark.gpu

@@ -10,28 +10,23 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from gpu_marks import needs_flashinfer
 from test_cuda_graphs import _cuda_executor
-from test_gpu import TINY, Seqs, assert_logits_close
-from test_gpu_families import check_bf16_against_hf, check_graph_decode_matches_eager, hf_logits
-from tiny_models import HYBRID_ARCHS, hf_model_class, make_tiny_checkpoint
-
-from pie.drivers.protocol import make_batch
+from test_gpu import TINY, assert_logits_close
+from test_gpu_families import (
+    check_bf16_against_hf,
+    check_graph_decode_matches_eager,
+    checkpoint_cache,
+    run_prefill_decode,
+)
+from tiny_models import HYBRID_ARCHS, hf_model_class
 
 
 @pytest.fixture(scope="module")
 def q35(tmp_path_factory):
-    cache: dict = {}
-
-    def make(arch: str):
-        if arch not in cache:
-            cache[arch] = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, **TINY)
-        return cache[arch]
-
-    return make
+    return checkpoint_cache(tmp_path_factory, **TINY)
 
 
 @pytest.mark.gpu
@@ -42,7 +37,7 @@ def test_qwen3_5_bf16_flashinfer_matches_hf_fp32(q35, arch, page_size):
     path = q35(arch)
     ex = _cuda_executor(path, False, ps=page_size, num_pages=512)
     assert ex.capabilities.extra["attention_backend"] == "flashinfer" and ex.state_pool is not None
-    check_bf16_against_hf(ex, path, arch, page_size, hf_logits)
+    check_bf16_against_hf(ex, path, arch, page_size)
 
 
 @pytest.mark.gpu
@@ -64,25 +59,12 @@ def test_qwen3_5_real_shape_bf16_matches_hf_fp32(tmp_path):
     model.save_pretrained(str(tmp_path))
     model = model.to("cuda:0").eval()
     ex = _cuda_executor(tmp_path, False, ps=16, num_pages=128)
-    seqs, rng = Seqs(ex.num_pages, 16, seed=1), np.random.default_rng(3)
-    prompts = [rng.integers(0, ex.model_config.vocab_size, n).tolist() for n in (7, 90, 200)]
-    batch = make_batch([seqs.request(i, p) for i, p in enumerate(prompts)], 16)
-    res = ex.execute(batch)
-    got = [[r] for r in np.split(res.logits, batch.qo_indptr[1:-1])]
-    tokens = [list(p) for p in prompts]
-    last = [int(t[-1]) for t in np.split(res.tokens, batch.qo_indptr[1:-1])]
-    for _ in range(8):
-        batch = make_batch([seqs.request(i, [t]) for i, t in enumerate(last)], 16)
-        res = ex.execute(batch)
-        for i, t in enumerate(last):
-            tokens[i].append(t)
-            got[i].append(res.logits[i : i + 1])
-        last = [int(t) for t in res.tokens]
+    got, tokens = run_prefill_decode(ex, 16, lengths=(7, 90, 200))
     agree = rows = 0
     for i in range(3):
         with torch.no_grad():
             ref = model(torch.tensor([tokens[i]], device="cuda:0")).logits[0].float().cpu().numpy()
-        ours = np.concatenate(got[i])
+        ours = got[i]
         assert_logits_close(ours, ref, f"qwen3.5-0.8b real shape seq {i}")
         agree, rows = agree + int((ours.argmax(-1) == ref.argmax(-1)).sum()), rows + len(ref)
     assert agree / rows >= 0.99, f"top-1 agreement {agree / rows:.3f}"

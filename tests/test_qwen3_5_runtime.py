@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +15,8 @@ import torch
 from runtime_checks import assert_all_free
 from test_parity_hf import hf_model
 from test_qwen3_5 import hf_model_greedy
+from test_run_cli import assert_dev_driver_matches_in_process
 
-from pie.cli.main import main
 from pie.drivers.inprocess import InProcessDriver
 from pie.drivers.protocol import BatchError
 from pie.drivers.spec import ExecutorSpec
@@ -259,18 +255,7 @@ def test_pie_run_in_process_and_through_the_dev_driver(tiny_checkpoint, tmp_path
     )
     prompt = "The quick brown fox jumps over the lazy dog. A programmable"
     args = ["raw-completion", "--", "--prompt", prompt, "--max-tokens", "8", "--ignore-eos", "true"]
-    assert main(["run", "-c", str(cfg), "--in-process", *args]) == 0
-    in_process = capsys.readouterr().out
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    r = subprocess.run(
-        [sys.executable, "-m", "pie", "run", "-c", str(cfg), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == in_process and "dev driver" in r.stderr
+    in_process = assert_dev_driver_matches_in_process(cfg, args, capsys)
     tok = Tokenizer.from_dir(model)
     ids = tok.encode(prompt)
     with torch.no_grad():

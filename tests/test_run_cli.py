@@ -128,20 +128,26 @@ def test_run_errors_and_exit_codes(tiny_config, tmp_path, capsys):
     assert "no config file" in capsys.readouterr().err
 
 
-def test_run_through_the_dev_driver_subprocess(tiny_config, capsys):
-    pytest.importorskip("pie.drivers.dev.client", reason="the dev driver is not in this tree yet")
-    assert main(["run", "-c", str(tiny_config), "--in-process", "text-completion", *PROMPT]) == 0
+def assert_dev_driver_matches_in_process(cfg: Path, args: list[str], capsys, **env: str) -> str:
+    """`pie run -c cfg --in-process ARGS`, then `python -m pie run -c cfg ARGS` in a subprocess (the dev driver
+    in its own process; env added to its environment): the same stdout. Returns that stdout."""
+    assert main(["run", "-c", str(cfg), "--in-process", *args]) == 0
     in_process = capsys.readouterr().out
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
     r = subprocess.run(
-        [sys.executable, "-m", "pie", "run", "-c", str(tiny_config), "text-completion", *PROMPT],
+        [sys.executable, "-m", "pie", "run", "-c", str(cfg), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(SRC), **env},
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == in_process and "dev driver" in r.stderr
+    return in_process
+
+
+def test_run_through_the_dev_driver_subprocess(tiny_config, capsys):
+    pytest.importorskip("pie.drivers.dev.client", reason="the dev driver is not in this tree yet")
+    assert_dev_driver_matches_in_process(tiny_config, ["text-completion", *PROMPT], capsys)
 
 
 def test_missing_default_config_uses_defaults_and_says_so(capsys):

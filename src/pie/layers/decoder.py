@@ -30,11 +30,23 @@ class DecoderLayer(nn.Module):
 
     norm_cls: type[RMSNorm] = RMSNorm
     qk_norm: str = "none"
+    attention_cls: type[Attention] = Attention
 
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
         super().__init__()
         c, spec = config, config.layers[layer_idx]
-        self.self_attn = Attention(
+        self.make_mixer(c, layer_idx, rotary)
+        self.mlp: nn.Module = (
+            SparseMoE(c.hidden_size, c.moe)
+            if spec.mlp == "sparse"
+            else GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
+        )
+
+    def make_mixer(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
+        """The token mixer: self_attn (attention_cls); a hybrid layer builds another kind where its spec
+        says so (Qwen 3.5's Gated DeltaNet)."""
+        c, spec = config, config.layers[layer_idx]
+        self.self_attn = self.attention_cls(
             layer_idx,
             c.hidden_size,
             spec,
@@ -45,11 +57,10 @@ class DecoderLayer(nn.Module):
             norm_cls=self.norm_cls,
             rms_norm_eps=c.rms_norm_eps,
         )
-        self.mlp: nn.Module = (
-            SparseMoE(c.hidden_size, c.moe)
-            if spec.mlp == "sparse"
-            else GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
-        )
+
+    def mix(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: [T, H] normed -> [T, H], through the mixer make_mixer built."""
+        return self.self_attn(positions, x, ctx)
 
     def norm(self, config: ModelConfig) -> RMSNorm:
         return self.norm_cls(config.hidden_size, config.rms_norm_eps)
@@ -71,7 +82,7 @@ class PreNormLayer(DecoderLayer):
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x = self.mix(positions, x, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

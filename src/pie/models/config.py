@@ -361,20 +361,28 @@ def rope_dicts(d: dict, default_theta: float = 10000.0) -> dict[str, dict]:
     return {"": merged}
 
 
-def layer_kinds(d: dict, num_layers: int, default: list[str]) -> list[str]:
-    """Per-layer attention kinds from `layer_types` (current layout), else `default` (the family's rule
-    for older configs). Unknown layer types fail, naming them."""
+def layer_kinds(
+    d: dict,
+    num_layers: int,
+    default: list[str],
+    mapping: dict[str, str] = _LAYER_TYPES,
+    model_type: str | None = None,
+) -> list[str]:
+    """Per-layer kinds from `layer_types` (current layout) through `mapping` (HF layer type -> pie kind;
+    attention kinds unless a family gives its own), else `default` (the family's rule for older configs).
+    Unknown layer types fail, naming them (and model_type where given)."""
     types = d.get("layer_types")
     if types is None:
         return default
+    where = f"{model_type}: " if model_type else ""
     if not isinstance(types, list) or len(types) != num_layers:
-        raise ModelError(f"layer_types must be a list of {num_layers} entries (num_hidden_layers)")
-    bad = sorted({t for t in types if t not in _LAYER_TYPES})
+        raise ModelError(f"{where}layer_types must be a list of {num_layers} entries (num_hidden_layers)")
+    bad = sorted({t for t in types if t not in mapping})
     if bad:
         raise ModelError(
-            f"layer_types {', '.join(map(repr, bad))} are not supported (supported: {', '.join(_LAYER_TYPES)})"
+            f"{where}layer_types {', '.join(map(repr, bad))} are not supported (supported: {', '.join(mapping)})"
         )
-    return [_LAYER_TYPES[t] for t in types]
+    return [mapping[t] for t in types]
 
 
 def window_of(d: dict, model_type: str) -> int:

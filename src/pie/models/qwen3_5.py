@@ -17,14 +17,12 @@ under `model.visual.*` and multi-token-prediction weights `mtp.*` beside them) l
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pie.errors import ModelError
 from pie.layers.attention import ForwardContext
-from pie.layers.decoder import CausalLM
+from pie.layers.decoder import CausalLM, PreNormLayer
 from pie.layers.gated_attention import GatedAttention
 from pie.layers.gated_deltanet import GatedDeltaNet
-from pie.layers.mlp import GatedMLP
 from pie.layers.norm import GemmaRMSNorm
 from pie.layers.rotary import RotaryCache
 from pie.models.config import (
@@ -33,6 +31,7 @@ from pie.models.config import (
     ModelConfig,
     RopeSpec,
     common_fields,
+    layer_kinds,
     req,
     text_config,
 )
@@ -55,19 +54,9 @@ def _rope(d: dict, model_type: str) -> RopeSpec:
 
 
 def _mixers(d: dict, n: int, model_type: str) -> list[str]:
-    types = d.get("layer_types")
-    if types is None:
-        interval = int(d.get("full_attention_interval", 4))
-        return ["attention" if (i + 1) % interval == 0 else "gated_deltanet" for i in range(n)]
-    if not isinstance(types, list) or len(types) != n:
-        raise ModelError(f"{model_type}: layer_types must be a list of {n} entries (num_hidden_layers)")
-    bad = sorted({t for t in types if t not in _LAYER_TYPES})
-    if bad:
-        raise ModelError(
-            f"{model_type}: layer_types {', '.join(map(repr, bad))} are not supported "
-            f"(supported: {', '.join(_LAYER_TYPES)})"
-        )
-    return [_LAYER_TYPES[t] for t in types]
+    interval = int(d.get("full_attention_interval", 4))
+    default = ["attention" if (i + 1) % interval == 0 else "gated_deltanet" for i in range(n)]
+    return layer_kinds(d, n, default, _LAYER_TYPES, model_type)
 
 
 def qwen3_5_text_config(d: dict, model_type: str | None = None) -> ModelConfig:
@@ -121,51 +110,30 @@ def qwen3_5_config(d: dict) -> ModelConfig:
     return qwen3_5_text_config(tc, model_type=d["model_type"])
 
 
-class Qwen3_5Layer(nn.Module):
+class Qwen3_5Layer(PreNormLayer):
     """x -> x + mixer(norm(x)) -> x + mlp(norm(x)), the mixer being linear_attn (Gated DeltaNet) or
     self_attn (gated attention) as the layer's spec says. Returns (x, residual) like PreNormLayer."""
 
     norm_cls = GemmaRMSNorm
+    attention_cls = GatedAttention
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
-        super().__init__()
-        c, spec = config, config.layers[layer_idx]
-        self.is_recurrent = spec.mixer == "gated_deltanet"
-        if self.is_recurrent:
-            assert c.gated_deltanet is not None
-            state_index = c.recurrent_layers.index(layer_idx)
-            self.linear_attn = GatedDeltaNet(c.hidden_size, c.gated_deltanet, state_index, c.rms_norm_eps)
-        else:
-            self.self_attn = GatedAttention(
-                layer_idx,
-                c.hidden_size,
-                spec,
-                rotary.get(spec.head_dim, spec.rope),
-                has_qkv_bias=c.has_qkv_bias,
-                has_o_bias=c.has_o_bias,
-                qk_norm="head",
-                norm_cls=GemmaRMSNorm,
-                rms_norm_eps=c.rms_norm_eps,
-            )
-        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
-        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+    def make_mixer(self, config: ModelConfig, layer_idx: int, rotary: RotaryCache) -> None:
+        self.is_recurrent = config.layers[layer_idx].mixer == "gated_deltanet"
+        if not self.is_recurrent:
+            super().make_mixer(config, layer_idx, rotary)
+            return
+        assert config.gated_deltanet is not None
+        state_index = config.recurrent_layers.index(layer_idx)
+        self.linear_attn = GatedDeltaNet(
+            config.hidden_size, config.gated_deltanet, state_index, config.rms_norm_eps
+        )
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        if self.is_recurrent:
-            if ctx.recurrent is None:
-                raise ModelError("Gated DeltaNet layers need the executor's state pool (ctx.recurrent)")
-            x = self.linear_attn(x, ctx.recurrent)
-        else:
-            x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    def mix(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if not self.is_recurrent:
+            return self.self_attn(positions, x, ctx)
+        if ctx.recurrent is None:
+            raise ModelError("Gated DeltaNet layers need the executor's state pool (ctx.recurrent)")
+        return self.linear_attn(x, ctx.recurrent)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
