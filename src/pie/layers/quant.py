@@ -1,0 +1,446 @@
+"""Quantized linear layers: weights stored in 8 or 4 bits, quantized as the checkpoint loads.
+
+Formats (config `weight_dtype`; cuda_native's `runtime_quant = "fp8"` is `float8`):
+  int8    symmetric per output channel:  W[o, :] ~= q[o, :] * s[o],          q int8
+  int4    asymmetric per group of 128 inputs (tinygemm's convention, which torch's int4 kernels take):
+          W[o, g*128 + j] ~= (q - 8) * s[o, g] + z[o, g],                    q in 0..15
+  float8  e4m3 per output channel:       W[o, :] ~= q[o, :] * s[o],          q float8_e4m3fn; activations
+          are quantized per token at run time (W8A8), so the GEMM itself runs in FP8
+  fp8_block  an FP8 checkpoint kept as shipped: e4m3 weights with one scale per 128 x 128 block
+          (`weight_scale_inv`, Mistral 3 / Ministral / DeepSeek style); activations per token and 128 columns
+
+Kernels (maintained ones, all in torch; chosen once per device by `kernel_for`, which runs each on a small
+random problem and compares it with the dequantized reference before trusting it):
+  int8    torch._weight_int8pack_mm (weight-only; CPU, and CUDA where torch builds it)
+  int4    torch._weight_int4pack_mm (CUDA, bf16, sm80+) / torch._weight_int4pack_mm_for_cpu (CPU)
+  float8  torch._scaled_mm with row-wise scales (CUDA sm89+; torch's CPU build has it too)
+  fp8_block  torch.nn.functional.scaled_mm with BlockWise1x128 x BlockWise128x128 scales (CUDA sm90)
+Where the kernel is missing or fails its check, the layer dequantizes its weight for each call and runs a
+plain matmul ("dequant"): correct, and the stored weights still take 1/2 to 1/4 of the memory, but slower
+than the full-precision model. `QuantLinear.kernel` says which path a layer took.
+
+Loading: `quantize_model_(model, fmt)` swaps the projections (`*_proj`: qkv/o/gate_up/down, not the routers,
+embeddings or LM head) for QuantLinear on the meta device, before the model is materialized, so the full
+precision weights never exist as a whole. The weight loader (models/weights.py) hands each checkpoint tensor to
+`module.load_weight(tensor, shard_id, scale)` (any module with that method), which quantizes the rows it covers (fused shards are rows too);
+`finalize_quantized_(model)` then repacks int4 into its kernel layout and picks each layer's kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("int8", "int4", "float8")  # what weight_dtype can ask for; fp8_block comes from checkpoints
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+INT4_GROUP = 128
+FP8_BLOCK = 128
+_TINY = 1e-12  # floor of every scale: an all-zero row must not divide by zero
+
+
+# ---- quantizers: full-precision rows [O, I] -> codes and scales (fp32 math) ----------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (q int8 [O, I], s fp32 [O]) with w ~= q * s[:, None]."""
+    w = w.float()
+    s = (w.abs().amax(dim=1) / 127.0).clamp(min=_TINY)
+    return (w / s[:, None]).round().clamp(-127, 127).to(torch.int8), s
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [O, I] (I % group == 0) -> (codes uint8 [O, I // 2], s fp32 [O, G], z fp32 [O, G]).
+
+    Per group of `group` inputs the 16 levels span [min, max]: w ~= (q - 8) * s + z with z = min + 8 s.
+    Two codes per byte, the even column in the high nibble (the byte layout torch's CUDA int4 packer takes).
+    """
+    O, I = w.shape
+    wg = w.float().view(O, I // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    s = ((hi - lo) / 15.0).clamp(min=_TINY)
+    q = ((wg - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.uint8).view(O, I)
+    return (q[:, 0::2] << 4) | q[:, 1::2], s, lo + 8.0 * s
+
+
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [O, I // 2] (two codes a byte, even column high) -> int32 [O, I] codes in 0..15."""
+    return torch.stack([codes >> 4, codes & 0x0F], dim=-1).flatten(-2).to(torch.int32)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (q e4m3 [O, I], s fp32 [O]) with w ~= q * s[:, None]."""
+    w = w.float()
+    s = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_TINY)
+    return (w / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] -> (e4m3 [M, K], fp32 scale [M, 1]): one scale per token, computed on device."""
+    s = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] -> (e4m3 [M, K], fp32 scale [M, K // group]): one scale per token and group."""
+    M, K = x.shape
+    xg = x.float().view(M, K // group, group)
+    s = (xg.abs().amax(dim=-1) / FP8_MAX).clamp(min=_TINY)
+    return (xg / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(M, K), s
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 W * s for an FP8 weight [O, I] and its scale: a scalar, [O] / [O, 1] per row, or [ceil(O / bo),
+    ceil(I / bi)] per block (block size inferred from the shapes, as DeepSeek/Mistral FP8 checkpoints ship
+    128 x 128 blocks)."""
+    w, s = weight.float(), scale.float()
+    if s.numel() == 1:
+        return w * s.reshape(())
+    rows, cols = w.shape
+    if s.dim() == 1 or s.shape[-1] == 1:
+        return w * s.reshape(rows, 1)
+    bo, bi = -(-rows // s.shape[0]), -(-cols // s.shape[1])
+    full = s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+    return w * full
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (q e4m3 [O, I], s fp32 [ceil(O / block), ceil(I / block)]): one scale per block."""
+    O, I = w.shape
+    wp = F.pad(w.float(), (0, -I % block, 0, -O % block))
+    blocks = wp.view(wp.shape[0] // block, block, wp.shape[1] // block, block)
+    s = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=_TINY)
+    full = s.repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
+    return (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def _dequantized_input(loaded: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A checkpoint tensor in full precision: FP8 ones (with their scale) dequantized, others as they are."""
+    if loaded.dtype in (FP8, torch.float8_e5m2):
+        if scale is None:
+            raise ValueError("an FP8 checkpoint weight came without its scale")
+        return dequantize_fp8(loaded, scale)
+    return loaded
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, s: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """e4m3 [O, I] with scales [ceil(O / block), ceil(I / block)] -> fp32 [O, I]."""
+    O, I = q.shape
+    full = s.float().repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
+    return q.float() * full
+
+
+# ---- the layer -----------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T (+ b), with W stored quantized; a drop-in for nn.Linear / MergedLinear / QKVLinear
+    (keeps their `shard_slices` and `split_sizes`, so the loader and the attention layer see no difference).
+
+    Parameters: `weight` (codes; int8 [O, I], e4m3 [O, I], or int4 as uint8 [O, I // 2] until finalize packs
+    it), `bias` (activation dtype). Buffers: `weight_scale` (fp32 [O], [O, G] or the checkpoint's blocks)
+    and, for int4, `weight_zero` (fp32 [O, G]).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        fmt: str,
+        dtype: torch.dtype,
+        shard_slices: dict[str | int, tuple[int, int]] | None = None,
+        split_sizes: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if fmt not in (*FORMATS, "fp8_block"):
+            raise ValueError(f"unknown quantized format {fmt!r}; use one of {', '.join(FORMATS)}")
+        self.in_features, self.out_features, self.fmt, self.act_dtype = in_features, out_features, fmt, dtype
+        self.shard_slices = dict(shard_slices or {})
+        if split_sizes is not None:
+            self.split_sizes = list(split_sizes)
+        O, I = out_features, in_features
+        self.group = INT4_GROUP if fmt == "int4" else 0
+        if fmt == "int8":
+            w, s = torch.empty(O, I, dtype=torch.int8), torch.empty(O)
+        elif fmt == "float8":
+            w, s = torch.empty(O, I, dtype=FP8), torch.empty(O)
+        elif fmt == "fp8_block":
+            w, s = torch.empty(O, I, dtype=FP8), torch.empty(-(-O // FP8_BLOCK), -(-I // FP8_BLOCK))
+        else:
+            w, s = torch.empty(O, I // 2, dtype=torch.uint8), torch.empty(O, I // INT4_GROUP)
+            self.register_buffer("weight_zero", torch.empty(O, I // INT4_GROUP), persistent=False)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.register_buffer("weight_scale", s, persistent=False)
+        self.bias = nn.Parameter(torch.empty(O, dtype=dtype), requires_grad=False) if bias else None
+        self.kernel = "unfinalized"  # set by finalize(): "int8pack", "int4pack", "scaled_mm", ... or "dequant"
+        self._packed: torch.Tensor | None = None  # int4 in the kernel's tiled layout
+        self._scales_zeros: torch.Tensor | None = None  # int4: [G, O, 2] (scale, zero) in the kernel's dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> QuantLinear:
+        """The quantized twin of an (unloaded, usually meta) nn.Linear or MergedLinear."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            fmt,
+            linear.weight.dtype,
+            getattr(linear, "shard_slices", None),
+            getattr(linear, "split_sizes", None),
+        )
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, kernel={self.kernel}"
+
+    # ---- loading (rows of a shard at a time) ----
+
+    def rows(self, shard_id: str | int | None, n: int) -> tuple[int, int]:
+        if shard_id is None:
+            if n != self.out_features:
+                raise ValueError(f"expected {self.out_features} rows, got {n}")
+            return 0, n
+        offset, size = self.shard_slices[shard_id]
+        if n != size:
+            raise ValueError(f"shard {shard_id!r}: expected {size} rows, got {n}")
+        return offset, size
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int) -> None:
+        """MergedLinear's interface: the bias rows of one shard (weights go through load_weight)."""
+        if param is self.weight:
+            self.load_weight(loaded, shard_id)
+            return
+        offset, size = self.rows(shard_id, loaded.shape[0])
+        param.data.narrow(0, offset, size).copy_(loaded)
+
+    def load_weight(
+        self, loaded: torch.Tensor, shard_id: str | int | None = None, scale: torch.Tensor | None = None
+    ) -> None:
+        """Quantize one checkpoint weight [rows, I] (or shard) into its rows. `scale`: the FP8 checkpoint's
+        scale when `loaded` is FP8 (kept as is for fp8_block; otherwise dequantized first)."""
+        if loaded.dim() != 2 or loaded.shape[1] != self.in_features:
+            raise ValueError(f"expected shape [*, {self.in_features}], got {tuple(loaded.shape)}")
+        offset, size = self.rows(shard_id, loaded.shape[0])
+        if self.fmt == "fp8_block":
+            if loaded.dtype != FP8 or scale is None or offset % FP8_BLOCK:
+                raise ValueError("fp8_block layers load FP8 checkpoint weights with their block scales only")
+            self.weight.data.narrow(0, offset, size).copy_(loaded)
+            rows = -(-size // FP8_BLOCK)
+            if scale.shape != (rows, self.weight_scale.shape[1]):
+                raise ValueError(f"block scales {tuple(scale.shape)}, expected {(rows, self.weight_scale.shape[1])}")
+            self.weight_scale.narrow(0, offset // FP8_BLOCK, rows).copy_(scale)
+            return
+        if self.fmt == "int8":
+            q, s = quantize_int8(loaded)
+        elif self.fmt == "float8":
+            q, s = quantize_fp8(loaded)
+        else:
+            q, s, z = quantize_int4(loaded, self.group)
+            self.weight_zero.narrow(0, offset, size).copy_(z)
+        self.weight.data.narrow(0, offset, size).copy_(q)
+        self.weight_scale.narrow(0, offset, size).copy_(s)
+
+    def quantize_from_(self, w: torch.Tensor) -> None:
+        """Fill from a full-precision weight [O, I] (random benchmark weights, tests)."""
+        self.load_weight(w)
+
+    # ---- math ----
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the layer stands for, fp32 [O, I] (the reference every kernel is checked against)."""
+        if self.fmt == "fp8_block":
+            return dequantize_fp8_blocks(self.weight, self.weight_scale)
+        if self.fmt in ("int8", "float8"):
+            return self.weight.float() * self.weight_scale[:, None]
+        if self._packed is not None:
+            raise RuntimeError("int4 codes were repacked for the kernel; dequantized() is available before finalize")
+        O, I = self.out_features, self.in_features
+        q = unpack_int4(self.weight).float().view(O, I // self.group, self.group)
+        return ((q - 8.0) * self.weight_scale[..., None] + self.weight_zero[..., None]).view(O, I)
+
+    def finalize(self) -> None:
+        """After loading: pick the kernel for this device (int4: pack for it) and drop what it does not need."""
+        self.kernel = kernel_for(self.fmt, self.weight.device, self.act_dtype)
+        if self.fmt == "int4" and self.kernel == "int4pack":
+            self._packed, self._scales_zeros = _int4_pack(
+                self.weight, self.weight_scale, self.weight_zero, self.act_dtype
+            )
+            # the kernel reads only the packed copy (as many bytes as the codes): keep one of them
+            self.weight.data = torch.empty(0, dtype=torch.uint8, device=self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., I] -> [..., O] in x's dtype."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        y = _RUN[self.kernel](self, x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _int4_pack(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
+    """codes uint8 [O, I // 2], s / z [O, G] -> (packed weight, [G, O, 2] scales and zeros) for the device's
+    int4 kernel (CUDA: innerKTiles 8 when I allows, as gpt-fast; CPU: the CPU packer's layout)."""
+    sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [G, O, 2]
+    if codes.device.type == "cuda":
+        I = codes.shape[1] * 2
+        tiles = next(t for t in (8, 4, 2) if I % (t * 16) == 0)
+        return torch._convert_weight_to_int4pack(codes.contiguous(), tiles), sz
+    return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(codes).contiguous(), 1), sz
+
+
+# ---- the kernels (x2: [M, I] -> [M, O] in x2's dtype) --------------------------------------------------
+
+
+def _run_dequant(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    # no kernel on this device: a transient full-precision copy of this one weight per call
+    return F.linear(x, m.dequantized().to(x.dtype))
+
+
+def _run_int8pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.contiguous(), m.weight, m.weight_scale.to(x.dtype))
+
+
+def _run_int4pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    if x.device.type == "cuda":
+        return torch._weight_int4pack_mm(x, m._packed, m.group, m._scales_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, m._packed, m.group, m._scales_zeros)
+
+
+def _run_scaled_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    xq, sx = quantize_fp8_rows(x)  # [M, I] e4m3, [M, 1]
+    # mat_b must be column-major: the row-major [O, I] weight transposed is exactly that
+    return torch._scaled_mm(xq, m.weight.t(), scale_a=sx, scale_b=m.weight_scale.view(1, -1), out_dtype=x.dtype)
+
+
+def _run_block_scaled_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    M = x.shape[0]
+    xp = F.pad(x, (0, 0, 0, -M % 4)) if M % 4 else x  # cuBLAS wants the token count a multiple of 4
+    xq, sx = quantize_fp8_groups(xp)  # [M', I], [M', I / 128]
+    sw = m.weight_scale
+    if sw.shape[1] % 4:  # K blocks padded to a multiple of 4 (cuBLAS's scale layout)
+        sw = F.pad(sw, (0, -sw.shape[1] % 4))
+    y = F.scaled_mm(
+        xq,
+        m.weight.t(),
+        sx.t().contiguous().t(),  # outer-dim-major activation scales
+        F.ScalingType.BlockWise1x128,
+        sw.t(),
+        F.ScalingType.BlockWise128x128,
+        output_dtype=x.dtype,
+    )
+    return y[:M]
+
+
+_RUN: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {
+    "dequant": _run_dequant,
+    "int8pack": _run_int8pack,
+    "int4pack": _run_int4pack,
+    "scaled_mm": _run_scaled_mm,
+    "block_scaled_mm": _run_block_scaled_mm,
+}
+_PREFERRED = {"int8": "int8pack", "int4": "int4pack", "float8": "scaled_mm", "fp8_block": "block_scaled_mm"}
+# relative error a kernel may show against the dequantized reference on the check problem: FP8 kernels
+# also quantize the activations (e4m3 has 3 mantissa bits), weight-only kernels only round the output
+_CHECK_TOL = {"int8pack": 0.02, "int4pack": 0.02, "scaled_mm": 0.1, "block_scaled_mm": 0.1}
+_KERNELS: dict[tuple[str, str, torch.dtype], str] = {}
+
+
+def kernel_for(fmt: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel a `fmt` layer uses on `device` with `dtype` activations: the maintained one when it runs
+    and matches the dequantized reference on a 256 x 256 check problem, else "dequant" (logged once)."""
+    key = (fmt, str(device), dtype)
+    if key not in _KERNELS:
+        name = _PREFERRED[fmt]
+        try:
+            err = _check_kernel(fmt, name, device, dtype)
+            ok = err <= _CHECK_TOL[name]
+            why = f"relative error {err:.3g} against the dequantized reference"
+        except Exception as e:  # a missing kernel is a RuntimeError/NotImplementedError naming the op
+            ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not ok:
+            log.warning("%s weights on %s (%s): %s unusable (%s); dequantizing per call", fmt, device, dtype, name, why)
+        _KERNELS[key] = name if ok else "dequant"
+    return _KERNELS[key]
+
+
+def _check_kernel(fmt: str, name: str, device: torch.device, dtype: torch.dtype) -> float:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(256, 256, generator=gen).to(device)
+    x = torch.randn(8, 256, generator=gen).to(device, dtype)
+    m = QuantLinear(256, 256, False, fmt, dtype).to(device)
+    m.weight.data = m.weight.data.to(device)
+    m.quantize_from_(w)
+    ref = x.float() @ m.dequantized().t()
+    m.kernel = name
+    if fmt == "int4":
+        m._packed, m._scales_zeros = _int4_pack(m.weight, m.weight_scale, m.weight_zero, dtype)
+    got = _RUN[name](m, x).float()
+    return float((got - ref).norm() / ref.norm())
+
+
+# ---- model surgery ---------------------------------------------------------------------------------------
+
+
+def is_quantizable(name: str, module: nn.Module, fmt: str) -> bool:
+    """Projections (`*_proj`) only: routers, embeddings and the LM head stay in full precision; int4 needs
+    whole groups of 128 inputs, the FP8 kernels inputs and outputs in multiples of 16."""
+    if type(module).__name__ not in ("Linear", "MergedLinear", "QKVLinear") or not name.endswith("_proj"):
+        return False
+    if fmt == "int4":
+        return module.in_features % INT4_GROUP == 0
+    if fmt == "float8":
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    if fmt == "fp8_block":
+        shards = getattr(module, "shard_slices", {}).values()
+        return all(off % FP8_BLOCK == 0 for off, _ in shards)
+    return True
+
+
+def quantize_model_(model: nn.Module, fmt: str) -> int:
+    """Replace every quantizable projection of `model` (built, not yet loaded; meta is fine) by a QuantLinear
+    of `fmt`. Returns how many were replaced; the skipped ones stay full precision."""
+    targets = [(n, m) for n, m in model.named_modules() if is_quantizable(n.rsplit(".", 1)[-1], m, fmt)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with torch.device(linear.weight.device):
+            setattr(parent, child, QuantLinear.from_linear(linear, fmt))
+    return len(targets)
+
+
+def finalize_quantized_(model: nn.Module) -> dict[str, int]:
+    """After loading: every QuantLinear picks its kernel; returns {kernel: layer count} (for the log)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.finalize()
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
+    return counts
+
+
+def init_random_quantized_(model: nn.Module, gen: torch.Generator) -> None:
+    """Benchmark weights for quantized layers: normal(0, 0.02) quantized, zero bias (executor.init_random_)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            w = torch.empty(m.out_features, m.in_features, device=m.weight.device)
+            m.quantize_from_(w.normal_(0.0, 0.02, generator=gen))
+            if m.bias is not None:
+                m.bias.data.zero_()
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by quantized layers beyond their parameters (scales, zeros, int4's packed copy)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            extra = [m.weight_scale, getattr(m, "weight_zero", None), m._packed, m._scales_zeros]
+            total += sum(t.numel() * t.element_size() for t in extra if t is not None)
+    return total
