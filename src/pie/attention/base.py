@@ -164,8 +164,10 @@ class AttentionBackend(ABC):
         self.kv_scales = kv_scales
 
     def kv_scale(self, layer_idx: int) -> tuple[float, float] | None:
-        """This layer's FP8 KV scales (None: the cache is not FP8, or every scale is 1)."""
-        return None if self.kv_scales is None else self.kv_scales[layer_idx]
+        """This layer's FP8 KV scales (None: the cache is not FP8, or both scales are 1: nothing to apply)."""
+        if self.kv_scales is None or self.kv_scales[layer_idx] == (1.0, 1.0):
+            return None
+        return self.kv_scales[layer_idx]
 
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:

@@ -132,7 +132,9 @@ def measure(
 ) -> list[FormatResult]:
     """One FormatResult per config (the first is the reference). speed = (batch, context, steps) also times
     decode steps (meaningful on a GPU)."""
-    pages = max(-(-len(ids) // page_size), (speed[0] * -(-(speed[1] + speed[2]) // page_size)) if speed else 0)
+    pages = max(
+        -(-len(ids) // page_size), (speed[0] * -(-(speed[1] + speed[2]) // page_size)) if speed else 0
+    )
     out: list[FormatResult] = []
     ref_logp: torch.Tensor | None = None
     for label, wd, kv in configs:

@@ -27,7 +27,6 @@ from pie.attention.base import AttentionMetadata
 from pie.drivers.kv_fingerprint import kv_fingerprint, weights_identity
 from pie.drivers.kv_plan import free_memory_bytes, kv_layer_groups, page_bytes, plan_num_pages
 from pie.drivers.page_mover import PageMover
-from pie.drivers.quantization import kv_cache_torch_dtype, kv_scales, weight_format
 from pie.drivers.protocol import (
     PROTOCOL_VERSION,
     BatchError,
@@ -37,6 +36,7 @@ from pie.drivers.protocol import (
     PageOps,
     PageOpsResult,
 )
+from pie.drivers.quantization import kv_cache_torch_dtype, kv_scales, weight_format
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.errors import DriverError
@@ -155,7 +155,9 @@ class ModelExecutor:
         if self.weight_kernels:
             log.info("%s weights: %s", self.weight_format, self.weight_kernels)
         self.model = model.eval().requires_grad_(False)
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(model)
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(
+            model
+        )
         free_after = free_memory_bytes(self.device)
 
         self.kv_dtype = kv_cache_torch_dtype(spec.kv_cache_dtype, self.dtype)

@@ -12,7 +12,7 @@ Weights:
 KV cache:
   kv_cache_dtype "auto"     -> pages in the activation dtype
   kv_cache_dtype "fp8_e4m3" -> pages in float8_e4m3fn, one byte per element (twice the pages of bf16),
-                               with a per-layer (K, V) scale (KV_SCALE, see below)
+                               with a per-layer (k_scale, v_scale) (KV_SCALE, see below)
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def checkpoint_fp8_blocks(model_path: str | Path) -> bool:
     return q.get("quant_method") == "fp8" and list(q.get("weight_block_size") or []) == [128, 128]
 
 
-def weight_format(weight_dtype: str, model_path: str | Path, device: torch.device, act: torch.dtype) -> str | None:
+def weight_format(
+    weight_dtype: str, model_path: str | Path, device: torch.device, act: torch.dtype
+) -> str | None:
     """The QuantLinear format of this executor's projections (None: full precision). See the module doc."""
     requested = weight_dtype if weight_dtype in FORMATS else None
     if requested in (None, "float8") and device.type == "cuda" and checkpoint_fp8_blocks(model_path):
@@ -57,9 +59,14 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, act: torch.dtype) -> torch.dtype:
     raise DriverError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
 
 
+# The FP8 KV cache stores K / k_scale and V / v_scale per layer. 1.0 (vLLM's default too): K and V after the
+# projections (and q/k norms, RoPE) are O(1..10), inside e4m3's normal range [2^-6, 448], where its relative
+# precision (3 mantissa bits) does not depend on the scale. Scales calibrated from the fixed text's per-layer
+# amax (amax / 448, with 1x to 4x headroom) measured no better on the default model (mean KL 7.0e-3 against
+# 5.7e-3 with 1.0), so there is no calibration pass; values beyond +-448 * scale saturate.
 KV_SCALE = 1.0
 
 
 def kv_scales(num_layers: int) -> list[tuple[float, float]]:
-    """Per-layer (k_scale, v_scale) of an FP8 KV cache."""
+    """Per-layer (k_scale, v_scale) of an FP8 KV cache (the backends fold them in; see KV_SCALE)."""
     return [(KV_SCALE, KV_SCALE)] * num_layers

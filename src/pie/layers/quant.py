@@ -55,17 +55,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / s[:, None]).round().clamp(-127, 127).to(torch.int8), s
 
 
-def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    w: torch.Tensor, group: int = INT4_GROUP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [O, I] (I % group == 0) -> (codes uint8 [O, I // 2], s fp32 [O, G], z fp32 [O, G]).
 
     Per group of `group` inputs the 16 levels span [min, max]: w ~= (q - 8) * s + z with z = min + 8 s.
     Two codes per byte, the even column in the high nibble (the byte layout torch's CUDA int4 packer takes).
     """
-    O, I = w.shape
-    wg = w.float().view(O, I // group, group)
+    n_out, n_in = w.shape
+    wg = w.float().view(n_out, n_in // group, group)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     s = ((hi - lo) / 15.0).clamp(min=_TINY)
-    q = ((wg - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.uint8).view(O, I)
+    q = ((wg - lo[..., None]) / s[..., None]).round().clamp(0, 15).to(torch.uint8).view(n_out, n_in)
     return (q[:, 0::2] << 4) | q[:, 1::2], s, lo + 8.0 * s
 
 
@@ -112,11 +114,11 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8_blocks(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [O, I] -> (q e4m3 [O, I], s fp32 [ceil(O / block), ceil(I / block)]): one scale per block."""
-    O, I = w.shape
-    wp = F.pad(w.float(), (0, -I % block, 0, -O % block))
+    n_out, n_in = w.shape
+    wp = F.pad(w.float(), (0, -n_in % block, 0, -n_out % block))
     blocks = wp.view(wp.shape[0] // block, block, wp.shape[1] // block, block)
     s = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=_TINY)
-    full = s.repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
+    full = s.repeat_interleave(block, 0)[:n_out].repeat_interleave(block, 1)[:, :n_in]
     return (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
@@ -131,8 +133,8 @@ def _dequantized_input(loaded: torch.Tensor, scale: torch.Tensor | None) -> torc
 
 def dequantize_fp8_blocks(q: torch.Tensor, s: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
     """e4m3 [O, I] with scales [ceil(O / block), ceil(I / block)] -> fp32 [O, I]."""
-    O, I = q.shape
-    full = s.float().repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
+    n_out, n_in = q.shape
+    full = s.float().repeat_interleave(block, 0)[:n_out].repeat_interleave(block, 1)[:, :n_in]
     return q.float() * full
 
 
@@ -165,21 +167,25 @@ class QuantLinear(nn.Module):
         self.shard_slices = dict(shard_slices or {})
         if split_sizes is not None:
             self.split_sizes = list(split_sizes)
-        O, I = out_features, in_features
+        n_out, n_in = out_features, in_features
         self.group = INT4_GROUP if fmt == "int4" else 0
         if fmt == "int8":
-            w, s = torch.empty(O, I, dtype=torch.int8), torch.empty(O)
+            w, s = torch.empty(n_out, n_in, dtype=torch.int8), torch.empty(n_out)
         elif fmt == "float8":
-            w, s = torch.empty(O, I, dtype=FP8), torch.empty(O)
+            w, s = torch.empty(n_out, n_in, dtype=FP8), torch.empty(n_out)
         elif fmt == "fp8_block":
-            w, s = torch.empty(O, I, dtype=FP8), torch.empty(-(-O // FP8_BLOCK), -(-I // FP8_BLOCK))
+            w, s = (
+                torch.empty(n_out, n_in, dtype=FP8),
+                torch.empty(-(-n_out // FP8_BLOCK), -(-n_in // FP8_BLOCK)),
+            )
         else:
-            w, s = torch.empty(O, I // 2, dtype=torch.uint8), torch.empty(O, I // INT4_GROUP)
-            self.register_buffer("weight_zero", torch.empty(O, I // INT4_GROUP), persistent=False)
+            w, s = torch.empty(n_out, n_in // 2, dtype=torch.uint8), torch.empty(n_out, n_in // INT4_GROUP)
+            self.register_buffer("weight_zero", torch.empty(n_out, n_in // INT4_GROUP), persistent=False)
         self.weight = nn.Parameter(w, requires_grad=False)
         self.register_buffer("weight_scale", s, persistent=False)
-        self.bias = nn.Parameter(torch.empty(O, dtype=dtype), requires_grad=False) if bias else None
-        self.kernel = "unfinalized"  # set by finalize(): "int8pack", "int4pack", "scaled_mm", ... or "dequant"
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype), requires_grad=False) if bias else None
+        # set by finalize(): "int8pack", "int4pack", "scaled_mm", "block_scaled_mm" or "dequant"
+        self.kernel = "unfinalized"
         self._packed: torch.Tensor | None = None  # int4 in the kernel's tiled layout
         self._scales_zeros: torch.Tensor | None = None  # int4: [G, O, 2] (scale, zero) in the kernel's dtype
 
@@ -228,14 +234,16 @@ class QuantLinear(nn.Module):
             raise ValueError(f"expected shape [*, {self.in_features}], got {tuple(loaded.shape)}")
         offset, size = self.rows(shard_id, loaded.shape[0])
         if self.fmt == "fp8_block":
-            if loaded.dtype != FP8 or scale is None or offset % FP8_BLOCK:
-                raise ValueError("fp8_block layers load FP8 checkpoint weights with their block scales only")
-            self.weight.data.narrow(0, offset, size).copy_(loaded)
             rows = -(-size // FP8_BLOCK)
-            if scale.shape != (rows, self.weight_scale.shape[1]):
-                raise ValueError(f"block scales {tuple(scale.shape)}, expected {(rows, self.weight_scale.shape[1])}")
+            want = (rows, self.weight_scale.shape[1])
+            if loaded.dtype != FP8 or scale is None or tuple(scale.shape) != want:
+                loaded, scale = quantize_fp8_blocks(
+                    _dequantized_input(loaded, scale)
+                )  # not shipped as blocks
+            self.weight.data.narrow(0, offset, size).copy_(loaded)
             self.weight_scale.narrow(0, offset // FP8_BLOCK, rows).copy_(scale)
             return
+        loaded = _dequantized_input(loaded, scale)
         if self.fmt == "int8":
             q, s = quantize_int8(loaded)
         elif self.fmt == "float8":
@@ -259,10 +267,12 @@ class QuantLinear(nn.Module):
         if self.fmt in ("int8", "float8"):
             return self.weight.float() * self.weight_scale[:, None]
         if self._packed is not None:
-            raise RuntimeError("int4 codes were repacked for the kernel; dequantized() is available before finalize")
-        O, I = self.out_features, self.in_features
-        q = unpack_int4(self.weight).float().view(O, I // self.group, self.group)
-        return ((q - 8.0) * self.weight_scale[..., None] + self.weight_zero[..., None]).view(O, I)
+            raise RuntimeError(
+                "int4 codes were repacked for the kernel; dequantized() is available before finalize"
+            )
+        n_out, n_in = self.out_features, self.in_features
+        q = unpack_int4(self.weight).float().view(n_out, n_in // self.group, self.group)
+        return ((q - 8.0) * self.weight_scale[..., None] + self.weight_zero[..., None]).view(n_out, n_in)
 
     def finalize(self) -> None:
         """After loading: pick the kernel for this device (int4: pack for it) and drop what it does not need."""
@@ -289,8 +299,8 @@ def _int4_pack(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: tor
     int4 kernel (CUDA: innerKTiles 8 when I allows, as gpt-fast; CPU: the CPU packer's layout)."""
     sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [G, O, 2]
     if codes.device.type == "cuda":
-        I = codes.shape[1] * 2
-        tiles = next(t for t in (8, 4, 2) if I % (t * 16) == 0)
+        n_in = codes.shape[1] * 2
+        tiles = next(t for t in (8, 4, 2) if n_in % (t * 16) == 0)
         return torch._convert_weight_to_int4pack(codes.contiguous(), tiles), sz
     return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(codes).contiguous(), 1), sz
 
@@ -317,7 +327,9 @@ def _run_int4pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def _run_scaled_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     xq, sx = quantize_fp8_rows(x)  # [M, I] e4m3, [M, 1]
     # mat_b must be column-major: the row-major [O, I] weight transposed is exactly that
-    return torch._scaled_mm(xq, m.weight.t(), scale_a=sx, scale_b=m.weight_scale.view(1, -1), out_dtype=x.dtype)
+    return torch._scaled_mm(
+        xq, m.weight.t(), scale_a=sx, scale_b=m.weight_scale.view(1, -1), out_dtype=x.dtype
+    )
 
 
 def _run_block_scaled_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -366,7 +378,14 @@ def kernel_for(fmt: str, device: torch.device, dtype: torch.dtype) -> str:
         except Exception as e:  # a missing kernel is a RuntimeError/NotImplementedError naming the op
             ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if not ok:
-            log.warning("%s weights on %s (%s): %s unusable (%s); dequantizing per call", fmt, device, dtype, name, why)
+            log.warning(
+                "%s weights on %s (%s): %s unusable (%s); dequantizing per call",
+                fmt,
+                device,
+                dtype,
+                name,
+                why,
+            )
         _KERNELS[key] = name if ok else "dequant"
     return _KERNELS[key]
 
