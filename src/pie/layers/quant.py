@@ -281,8 +281,13 @@ class QuantLinear(nn.Module):
             self._packed, self._scales_zeros = _int4_pack(
                 self.weight, self.weight_scale, self.weight_zero, self.act_dtype
             )
-            # the kernel reads only the packed copy (as many bytes as the codes): keep one of them
-            self.weight.data = torch.empty(0, dtype=torch.uint8, device=self.weight.device)
+            # the kernel reads only the packed copy and its [G, O, 2] scales: drop the codes (as many bytes as
+            # the packed copy) and the fp32 scales and zeros
+            empty = torch.empty(0, device=self.weight.device)
+            self.weight.data = empty.to(torch.uint8)
+            self.weight_scale, self.weight_zero = empty, empty
+        elif self.kernel == "int8pack":
+            self.weight_scale = self.weight_scale.to(self.act_dtype)  # the kernel takes them in x's dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., I] -> [..., O] in x's dtype."""
@@ -314,7 +319,7 @@ def _run_dequant(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_int8pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return torch._weight_int8pack_mm(x.contiguous(), m.weight, m.weight_scale.to(x.dtype))
+    return torch._weight_int8pack_mm(x.contiguous(), m.weight, m.weight_scale.to(x.dtype))  # cast: a no-op
 
 
 def _run_int4pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
