@@ -97,6 +97,14 @@ def test_cpu_kernels_match_the_dequantized_reference(fmt, kernel, dtype):
     assert _rel(y, ref) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_w8a8_kernel_matches_the_reference(dtype):
+    """torch._int_mm (int8's CUDA kernel; CPU has it too), for a decode-sized batch (padded) and a prefill."""
+    from pie.layers.quant import _check_kernel
+
+    assert _check_kernel("int8", "int_mm", CPU, dtype) < 0.02
+
+
 def test_fp8_block_layer_without_a_kernel_dequantizes_per_call():
     """fp8_block's kernel (cuBLAS block-scaled, sm90) does not exist on CPU: the layer still runs."""
     assert kernel_for("fp8_block", CPU, torch.float32) == "dequant"

@@ -11,7 +11,8 @@ Formats (config `weight_dtype`; cuda_native's `runtime_quant = "fp8"` is `float8
 
 Kernels (maintained ones, all in torch; chosen once per device by `kernel_for`, which runs each on a small
 random problem and compares it with the dequantized reference before trusting it):
-  int8    torch._weight_int8pack_mm (weight-only; CPU, and CUDA where torch builds it)
+  int8    torch._weight_int8pack_mm (weight-only; CPU), else torch._int_mm (cuBLAS int8 GEMM: activations
+          quantized to int8 per token, W8A8; CUDA, where torch 2.x has no int8 weight-only kernel)
   int4    torch._weight_int4pack_mm (CUDA, bf16, sm80+) / torch._weight_int4pack_mm_for_cpu (CPU)
   float8  torch._scaled_mm with row-wise scales (CUDA sm89+; torch's CPU build has it too)
   fp8_block  torch.nn.functional.scaled_mm with BlockWise1x128 x BlockWise128x128 scales (CUDA sm90)
@@ -322,6 +323,17 @@ def _run_int8pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.contiguous(), m.weight, m.weight_scale.to(x.dtype))  # cast: a no-op
 
 
+def _run_int_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    # W8A8: x quantized to int8 per token, torch._int_mm (cuBLAS int8 GEMM, int32 accumulate), both scales
+    # applied to the output. cuBLAS wants more than 16 rows: small batches are zero-padded to 32.
+    M = x.shape[0]
+    xp = F.pad(x, (0, 0, 0, 32 - M)) if M <= 16 else x
+    sx = (xp.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=_TINY)  # [M', 1]
+    xq = (xp.float() / sx).round().clamp(-127, 127).to(torch.int8)
+    y = torch._int_mm(xq, m.weight.t())  # [M', O] int32
+    return (y[:M].float() * sx[:M] * m.weight_scale.float()).to(x.dtype)
+
+
 def _run_int4pack(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     if x.device.type == "cuda":
@@ -359,39 +371,49 @@ def _run_block_scaled_mm(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 _RUN: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {
     "dequant": _run_dequant,
     "int8pack": _run_int8pack,
+    "int_mm": _run_int_mm,
     "int4pack": _run_int4pack,
     "scaled_mm": _run_scaled_mm,
     "block_scaled_mm": _run_block_scaled_mm,
 }
-_PREFERRED = {"int8": "int8pack", "int4": "int4pack", "float8": "scaled_mm", "fp8_block": "block_scaled_mm"}
+# kernels in order of preference: int8 weight-only where torch builds it (CPU), else int8 W8A8 (CUDA)
+_PREFERRED = {
+    "int8": ("int8pack", "int_mm"),
+    "int4": ("int4pack",),
+    "float8": ("scaled_mm",),
+    "fp8_block": ("block_scaled_mm",),
+}
 # relative error a kernel may show against the dequantized reference on the check problem: FP8 kernels
 # also quantize the activations (e4m3 has 3 mantissa bits), weight-only kernels only round the output
-_CHECK_TOL = {"int8pack": 0.02, "int4pack": 0.02, "scaled_mm": 0.1, "block_scaled_mm": 0.1}
+_CHECK_TOL = {"int8pack": 0.02, "int_mm": 0.05, "int4pack": 0.02, "scaled_mm": 0.1, "block_scaled_mm": 0.1}
 _KERNELS: dict[tuple[str, str, torch.dtype], str] = {}
 
 
 def kernel_for(fmt: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel a `fmt` layer uses on `device` with `dtype` activations: the maintained one when it runs
-    and matches the dequantized reference on a 256 x 256 check problem, else "dequant" (logged once)."""
+    """The kernel a `fmt` layer uses on `device` with `dtype` activations: the first of _PREFERRED[fmt] that
+    runs and matches the dequantized reference on a 256 x 256 check problem, else "dequant" (logged once)."""
     key = (fmt, str(device), dtype)
     if key not in _KERNELS:
-        name = _PREFERRED[fmt]
-        try:
-            err = _check_kernel(fmt, name, device, dtype)
-            ok = err <= _CHECK_TOL[name]
-            why = f"relative error {err:.3g} against the dequantized reference"
-        except Exception as e:  # a missing kernel is a RuntimeError/NotImplementedError naming the op
-            ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if not ok:
+        _KERNELS[key] = "dequant"
+        why = []
+        for name in _PREFERRED[fmt]:
+            try:
+                err = _check_kernel(fmt, name, device, dtype)
+            except Exception as e:  # a missing kernel is a RuntimeError/NotImplementedError naming the op
+                why.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            if err <= _CHECK_TOL[name]:
+                _KERNELS[key] = name
+                break
+            why.append(f"{name}: relative error {err:.3g} against the dequantized reference")
+        if _KERNELS[key] == "dequant":
             log.warning(
-                "%s weights on %s (%s): %s unusable (%s); dequantizing per call",
+                "%s weights on %s (%s): no kernel (%s); dequantizing per call",
                 fmt,
                 device,
                 dtype,
-                name,
-                why,
+                "; ".join(why),
             )
-        _KERNELS[key] = name if ok else "dequant"
     return _KERNELS[key]
 
 
