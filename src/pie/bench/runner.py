@@ -43,6 +43,8 @@ class BenchOptions:
     profile_batch: int = 64
     cuda_graphs: bool = True  # decode through CUDA graphs (CUDA with FlashInfer only; ignored elsewhere)
     e2e_steps: int = 0  # > 0: also generate this many tokens per inferlet through the runtime and SDK
+    weight_dtype: str = "auto"  # int8 / int4 / float8: quantized projections (floors stay the bf16 ones)
+    kv_cache_dtype: str = "auto"  # fp8_e4m3: FP8 KV pages
 
     @property
     def decode_steps_total(self) -> int:
@@ -282,6 +284,8 @@ def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
         model_path=str(model_path),
         device=opts.device,
         activation_dtype=opts.dtype,
+        weight_dtype=opts.weight_dtype,
+        kv_cache_dtype=opts.kv_cache_dtype,
         page_size=opts.page_size,
         kv_policy="cuda_native",
         num_pages=opts.num_pages(),
