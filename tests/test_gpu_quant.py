@@ -19,6 +19,7 @@ import torch
 from gpu_marks import needs_cuda, needs_flashinfer
 from test_gpu import TINY, assert_logits_close
 from test_parity_hf import PagedSeqs
+from test_quant import WIDE, _fp8_checkpoint
 from tiny_models import make_tiny_checkpoint
 
 from pie.drivers.executor import ModelExecutor
@@ -143,7 +144,7 @@ def test_cuda_graph_decode_equals_eager_quantized(tiny_llama, weight_dtype, kv):
 @needs_flashinfer
 @pytest.mark.skipif(not _sm90(), reason="FP8 block checkpoints run natively on sm90 only")
 def test_fp8_block_checkpoint_runs_without_a_dequantized_copy(tmp_path):
-    path, ref, _ = _fp8_checkpoint_wide(tmp_path)
+    path, ref, _ = _fp8_checkpoint(tmp_path, 128, declare=True, **WIDE)
     ex = _ex(path, "flashinfer")
     layers = [m for m in ex.model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.fmt == "fp8_block" and m.kernel == "block_scaled_mm" for m in layers)
@@ -155,37 +156,3 @@ def test_fp8_block_checkpoint_runs_without_a_dequantized_copy(tmp_path):
     lp = torch.log_softmax(torch.from_numpy(want).double(), -1)
     lq = torch.log_softmax(torch.from_numpy(got).double(), -1)
     assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 0.05
-
-
-def _fp8_checkpoint_wide(tmp_path):
-    """tests/test_quant.py's FP8 Ministral 3 checkpoint, with 128-wide shards so every projection is
-    block-aligned, and config.json declaring 128 x 128 FP8 blocks (so the executor picks fp8_block)."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from pie.layers.quant import dequantize_fp8_blocks, quantize_fp8_blocks
-
-    path = make_tiny_checkpoint(
-        tmp_path / "fp8", "ministral3", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=128, intermediate_size=512, initializer_range=0.075,
-    )  # fmt: skip
-    ref = tmp_path / "deq"
-    ref.mkdir()
-    for f in path.iterdir():
-        (ref / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(path / "model.safetensors"))
-    quant, deq = {}, {}
-    for k, t in tensors.items():
-        if k.endswith("proj.weight"):
-            q, s = quantize_fp8_blocks(t, 128)
-            quant[k], quant[k.removesuffix("weight") + "weight_scale_inv"] = q, s
-            deq[k] = dequantize_fp8_blocks(q, s, 128).to(t.dtype)
-        else:
-            quant[k] = deq[k] = t
-    save_file(deq, str(ref / "model.safetensors"))
-    save_file(quant, str(path / "model.safetensors"))
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path, ref, quant

@@ -28,6 +28,7 @@ from pie.layers.quant import (
     FP8,
     QuantLinear,
     dequantize_fp8_blocks,
+    is_quantizable,
     kernel_for,
     quantize_fp8,
     quantize_fp8_blocks,
@@ -185,19 +186,25 @@ def test_random_weights_quantize(tiny_llama):
     assert np.array_equal(_prefill(a, [3, 4, 5]), _prefill(b, [3, 4, 5]))
 
 
-def _fp8_checkpoint(tmp_path, block: int):
-    """A tiny Ministral 3 whose projections ship as FP8 with block scales (weight_scale_inv), and the same
-    model with those weights dequantized (what HF would run)."""
-    from tiny_models import make_tiny_checkpoint as make
+# 128-wide heads and shards, so every projection is whole 128 x 128 blocks with fused shards on block edges
+WIDE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128, intermediate_size=512,
+            initializer_range=0.075)  # fmt: skip
 
-    path = make(tmp_path / "fp8", "ministral3")
+
+def _fp8_checkpoint(tmp_path, block: int, declare: bool = False, **overrides):
+    """A tiny Ministral 3 whose projections ship as FP8 with block scales (weight_scale_inv), and the same
+    model with those weights dequantized (what HF would run). declare: config.json says 128 x 128 FP8 blocks
+    (quantization_config), as hub FP8 checkpoints do."""
+    import json
+
+    path = make_tiny_checkpoint(tmp_path / "fp8", "ministral3", **overrides)
     tensors = load_file(str(path / "model.safetensors"))
     quant, deq = {}, {}
     for k, t in tensors.items():
         if k.endswith("proj.weight"):
             q, s = quantize_fp8_blocks(t, block)
             quant[k], quant[k.removesuffix("weight") + "weight_scale_inv"] = q, s
-            deq[k] = dequantize_fp8_blocks(q, s, block)
+            deq[k] = dequantize_fp8_blocks(q, s, block).to(t.dtype)
         else:
             quant[k] = deq[k] = t
     ref = tmp_path / "deq"
@@ -206,14 +213,18 @@ def _fp8_checkpoint(tmp_path, block: int):
         (ref / f.name).write_bytes(f.read_bytes())
     save_file(deq, str(ref / "model.safetensors"))
     save_file(quant, str(path / "model.safetensors"))
+    if declare:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block]}
+        (path / "config.json").write_text(json.dumps(cfg))
     return path, ref, quant
 
 
 def test_fp8_block_checkpoint_is_kept_as_shipped(tmp_path, monkeypatch):
     """The fp8_block path (CUDA sm90 in production; forced here) stores the checkpoint's FP8 bytes and block
     scales unchanged, and the model equals transformers on the dequantized weights. Fused projections whose
-    shards do not start on a 128-row block (this tiny q/k/v) are dequantized at load instead."""
-    path, ref, quant = _fp8_checkpoint(tmp_path, 128)
+    shards do not start on a 128-row block are dequantized at load instead."""
+    path, ref, quant = _fp8_checkpoint(tmp_path, 128, **WIDE)
     monkeypatch.setattr(executor_mod, "weight_format", lambda *a: "fp8_block")
     ex = _executor(path)
     down = ex.model.get_submodule("model.layers.0.mlp.down_proj")
@@ -221,7 +232,12 @@ def test_fp8_block_checkpoint_is_kept_as_shipped(tmp_path, monkeypatch):
     shipped = quant["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(down.weight.view(torch.uint8), shipped.view(torch.uint8))
     assert torch.equal(down.weight_scale, quant["model.layers.0.mlp.down_proj.weight_scale_inv"])
-    assert not isinstance(ex.model.get_submodule("model.layers.0.self_attn.qkv_proj"), QuantLinear)
+    assert all(m.fmt == "fp8_block" for m in ex.model.modules() if isinstance(m, QuantLinear))
+    assert sum(isinstance(m, QuantLinear) for m in ex.model.modules()) == 4 * ex.model_config.num_layers
+    # a q/k/v of 64-row shards (the default tiny shape) cannot keep 128-row blocks: dequantized at load
+    with torch.device("meta"):
+        narrow = QKVLinear(64, 4, 2, 16, bias=False)
+    assert not is_quantizable("qkv_proj", narrow, "fp8_block") and is_quantizable("qkv_proj", narrow, "int8")
     ids = list(range(3, 30))
     got = _prefill(ex, ids)
     assert float(np.abs(got - hf_logits(ref, ids)).max()) < 1e-3

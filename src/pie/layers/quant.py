@@ -437,16 +437,17 @@ def _check_kernel(fmt: str, name: str, device: torch.device, dtype: torch.dtype)
 
 def is_quantizable(name: str, module: nn.Module, fmt: str) -> bool:
     """Projections (`*_proj`) only: routers, embeddings and the LM head stay in full precision; int4 needs
-    whole groups of 128 inputs, the FP8 kernels inputs and outputs in multiples of 16."""
+    whole groups of 128 inputs, the FP8 kernels inputs and outputs in multiples of 16, FP8 blocks of 128."""
     if type(module).__name__ not in ("Linear", "MergedLinear", "QKVLinear") or not name.endswith("_proj"):
         return False
     if fmt == "int4":
         return module.in_features % INT4_GROUP == 0
     if fmt == "float8":
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
-    if fmt == "fp8_block":
+    if fmt == "fp8_block":  # cuBLAS's 128 x 128 recipe: whole blocks, and every fused shard on a block edge
         shards = getattr(module, "shard_slices", {}).values()
-        return all(off % FP8_BLOCK == 0 for off, _ in shards)
+        whole = module.in_features % FP8_BLOCK == 0 and module.out_features % FP8_BLOCK == 0
+        return whole and all(off % FP8_BLOCK == 0 for off, _ in shards)
     return True
 
 
