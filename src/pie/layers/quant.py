@@ -185,7 +185,7 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(w, requires_grad=False)
         self.register_buffer("weight_scale", s, persistent=False)
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype), requires_grad=False) if bias else None
-        # set by finalize(): "int8pack", "int4pack", "scaled_mm", "block_scaled_mm" or "dequant"
+        # set by finalize(): a key of _RUN ("int8pack", "int_mm", "int4pack", "scaled_mm", ... or "dequant")
         self.kernel = "unfinalized"
         self._packed: torch.Tensor | None = None  # int4 in the kernel's tiled layout
         self._scales_zeros: torch.Tensor | None = None  # int4: [G, O, 2] (scale, zero) in the kernel's dtype
@@ -209,6 +209,7 @@ class QuantLinear(nn.Module):
     # ---- loading (rows of a shard at a time) ----
 
     def rows(self, shard_id: str | int | None, n: int) -> tuple[int, int]:
+        """(offset, size) of the output rows a tensor of n rows fills (ValueError on a size mismatch)."""
         if shard_id is None:
             if n != self.out_features:
                 raise ValueError(f"expected {self.out_features} rows, got {n}")
@@ -237,10 +238,8 @@ class QuantLinear(nn.Module):
         if self.fmt == "fp8_block":
             rows = -(-size // FP8_BLOCK)
             want = (rows, self.weight_scale.shape[1])
-            if loaded.dtype != FP8 or scale is None or tuple(scale.shape) != want:
-                loaded, scale = quantize_fp8_blocks(
-                    _dequantized_input(loaded, scale)
-                )  # not shipped as blocks
+            if loaded.dtype != FP8 or scale is None or tuple(scale.shape) != want:  # not shipped as blocks
+                loaded, scale = quantize_fp8_blocks(_dequantized_input(loaded, scale))
             self.weight.data.narrow(0, offset, size).copy_(loaded)
             self.weight_scale.narrow(0, offset // FP8_BLOCK, rows).copy_(scale)
             return
