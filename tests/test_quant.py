@@ -321,3 +321,53 @@ def test_fp8_kv_executor_stays_close(tiny_llama):
     ref = _prefill(_executor(tiny_llama), ids)
     got = _prefill(_executor(tiny_llama, kv_cache_dtype="fp8_e4m3"), ids)
     assert 0 < _kl(ref, got) < 0.02
+
+
+def test_config_to_dev_driver_child_runs_quantized(tmp_path, monkeypatch):
+    """The whole path: config.toml (dev, int4 weights, FP8 KV) -> validated config -> ExecutorSpec -> the
+    dev driver's child process, which loads the embedded model quantized and answers like the in-process
+    executor built from the same spec."""
+    import asyncio
+    import sys
+
+    from pie.config.loader import parse_config
+    from pie.drivers.dev.client import DevDriver
+    from pie.drivers.factory import executor_spec
+
+    monkeypatch.setenv("PIE_HOME", str(tmp_path / "home"))
+    toml = {
+        "model": [
+            {
+                "driver": {
+                    "type": "dev",
+                    "options": {"weight_dtype": "int4", "kv_cache_dtype": "fp8_e4m3", "max_num_kv_pages": 8},
+                }
+            }
+        ]
+    }
+    spec = executor_spec(parse_config(toml, "test").default_model)
+    assert (spec.weight_dtype, spec.kv_cache_dtype, spec.device) == ("int4", "fp8_e4m3", "cpu")
+    batch = make_batch(
+        [dict(token_ids=[3, 17, 42, 5, 9], positions=list(range(5)), pages=[1], last_page_len=5, outputs=[4],
+              return_logits=True)],
+        spec.page_size,
+    )  # fmt: skip
+    local = ModelExecutor(spec)
+    expected = local.execute(batch)
+
+    async def main():
+        d = DevDriver(spec, python=sys.executable, ready_timeout_s=120)
+        caps = await d.start()
+        try:
+            return caps, await d.forward(batch)
+        finally:
+            await d.shutdown()
+
+    caps, got = asyncio.run(asyncio.wait_for(main(), 180))
+    assert caps.extra["weight_format"] == "int4" and caps.extra["kv_cache_dtype"] == "float8_e4m3fn"
+    assert (
+        caps.page_nbytes
+        == local.capabilities.page_nbytes
+        == page_bytes(local.model_config, spec.page_size, FP8)
+    )
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=1e-5, atol=1e-5)

@@ -264,6 +264,8 @@ class ModelExecutor:
                 ),
                 "eos_token_ids": list(cfg.eos_token_ids),
                 "weights_bytes": self.weights_bytes,
+                "weight_format": self.weight_format,  # None, or a pie.layers.quant format
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
                 "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),
                 "cuda_graphs": self.graphs is not None,
             },
