@@ -24,12 +24,10 @@ from pie.drivers.kv_plan import page_bytes, plan_num_pages
 from pie.drivers.protocol import make_batch
 from pie.drivers.spec import ExecutorSpec
 from pie.layers.linear import QKVLinear
-from pie.layers.quant import (
+from pie.layers.quant import QuantLinear, is_quantizable, kernel_for
+from pie.layers.quant_formats import (
     FP8,
-    QuantLinear,
     dequantize_fp8_blocks,
-    is_quantizable,
-    kernel_for,
     quantize_fp8,
     quantize_fp8_blocks,
     quantize_int4,

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pie.errors import ModelError
-from pie.layers.quant import dequantize_fp8
+from pie.layers.quant_formats import dequantize_fp8
 
 log = logging.getLogger(__name__)
 
