@@ -38,7 +38,9 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
         devices=list(d.device),
         tensor_parallel_size=d.tensor_parallel_size,
         activation_dtype=d.activation_dtype,
-        weight_dtype=o.weight_dtype,
+        # cuda_native's runtime_quant "fp8" is FP8 weights and activations: weight_dtype "float8"
+        weight_dtype="float8" if getattr(o, "runtime_quant", "") == "fp8" else o.weight_dtype,
+        kv_cache_dtype=o.kv_cache_dtype,
         page_size=o.kv_page_size,
         gpu_mem_utilization=o.gpu_mem_utilization,
         max_batch_tokens=o.max_batch_tokens,
@@ -74,7 +76,8 @@ def swap_slots_for_budget(entry: ModelEntry, model_config) -> int:
     budget = o.cpu_mem_budget_in_gb
     if budget == 0:
         return 0
-    nbytes = page_bytes(model_config, o.kv_page_size, getattr(torch, d.activation_dtype))
+    kv_dtype = torch.float8_e4m3fn if o.kv_cache_dtype == "fp8_e4m3" else getattr(torch, d.activation_dtype)
+    nbytes = page_bytes(model_config, o.kv_page_size, kv_dtype)
     slots = int(budget * GiB // nbytes)
     if slots < 1:
         raise ConfigError(
