@@ -25,11 +25,14 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     model_config = read_model_config(model_path)
     if d.tensor_parallel_size > 1:  # heads and sizes must split evenly over the ranks: say so before starting
         from pie.drivers.executor import tensor_parallel_problem
+        from pie.drivers.quantization import tensor_parallel_quant_problem
         from pie.models.registry import get_model_class
 
-        problem = tensor_parallel_problem(
-            model_config, get_model_class(model_config.model_type), d.tensor_parallel_size
-        )
+        model_cls = get_model_class(model_config.model_type)
+        problem = tensor_parallel_problem(model_config, model_cls, d.tensor_parallel_size)
+        if problem is None:  # each rank quantizes its own shard: the format's blocks must not straddle ranks
+            quant = "float8" if getattr(o, "runtime_quant", "") == "fp8" else o.weight_dtype
+            problem = tensor_parallel_quant_problem(model_cls, model_config, d.tensor_parallel_size, quant)
         if problem is not None:
             raise ConfigError(f"model {entry.name!r}: {problem}")
     common = dict(

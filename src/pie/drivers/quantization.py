@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pie.errors import DriverError
-from pie.layers.quant import FORMATS, kernel_for
+from pie.layers.quant import FORMATS, kernel_for, split_problem
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
@@ -48,6 +48,22 @@ def weight_format(
         if kernel_for("fp8_block", device, act) == "block_scaled_mm":
             return "fp8_block"
     return requested
+
+
+def tensor_parallel_quant_problem(model_cls: type, cfg, tp: int, weight_dtype: str) -> str | None:
+    """Why `weight_dtype` cannot quantize the shards of tp ranks (None when it can): built on the meta device
+    as rank 0 of tp (nothing allocated), before any driver process starts (see layers/quant.split_problem)."""
+    if tp == 1 or weight_dtype not in FORMATS:
+        return None
+    from pie.distributed import simulated_rank
+
+    with simulated_rank(0, tp), torch.device("meta"):
+        model = model_cls(cfg)
+    for name, module in model.named_modules():
+        problem = split_problem(name, module, weight_dtype)
+        if problem is not None:
+            return problem
+    return None
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, act: torch.dtype) -> torch.dtype:

@@ -484,11 +484,14 @@ def split_problem(name: str, module: nn.Module, fmt: str) -> str | None:
     if module.full_in % INT4_GROUP or module.in_features % INT4_GROUP == 0:
         return None  # not quantized at any tensor_parallel_size, or whole groups on every rank
     groups = module.full_in // INT4_GROUP
+    fits = [
+        t for t in range(1, groups + 1) if groups % t == 0
+    ]  # tensor_parallel_size values that keep groups
     return (
         f"weight_dtype int4 quantizes {name} in groups of {INT4_GROUP} inputs, but tensor_parallel_size "
         f"{tp_size()} gives each rank {module.in_features} of its {module.full_in} inputs, which is not a "
-        f"multiple of {INT4_GROUP} (a group would straddle two ranks); use a tensor_parallel_size that divides "
-        f"{groups}, or weight_dtype int8"
+        f"multiple of {INT4_GROUP} (a group would straddle two ranks); use tensor_parallel_size "
+        f"{' or '.join(map(str, fits[-4:]))}, or weight_dtype int8"
     )
 
 
