@@ -26,6 +26,12 @@ embeddings or LM head) for QuantLinear on the meta device, before the model is m
 precision weights never exist as a whole. The weight loader (models/weights.py) hands each checkpoint tensor to
 `module.load_weight(tensor, shard_id, scale)` (any module with that method), which quantizes the rows it covers (fused shards are rows too);
 `finalize_quantized_(model)` then repacks int4 into its kernel layout and picks each layer's kernel.
+
+Tensor parallelism: the parallel linears (pie.layers.parallel) become QuantLinears that keep the rank's
+layout; each rank quantizes only its shard (column-parallel: its output rows, whose per-channel scales are the
+whole matrix's; row-parallel: its input columns, all-reduced after the quantized matmul). `split_problem` says
+when a split would cut int4's groups of 128 inputs; the config (drivers/quantization.py) and
+`quantize_model_` refuse it.
 """
 
 from __future__ import annotations

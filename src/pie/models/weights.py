@@ -26,7 +26,9 @@ Tensor parallelism: a module with `load_param(name, param, source, shard_id)` (p
 the tensor itself, reading only its rank's slice: the source reads slices straight from safetensors
 (`get_slice`), so a rank never materializes the whole tensor. Tensors that must be converted first (FP8,
 MXFP4, checkpoint_transforms) are read whole, converted, then sliced. At tensor_parallel_size 1 the slice
-is the whole tensor: one code path.
+is the whole tensor: one code path. A quantized layer (QuantLinear) is both: `load_param` reads its rank's
+slice of a full-precision weight, `load_weight(source, shard_id, scale)` takes an FP8 one with its scale and
+slices it itself (keeping 128 x 128 blocks where the rank's slice starts and ends on block edges).
 """
 
 from __future__ import annotations
