@@ -153,3 +153,34 @@ def test_int4_split_problem_in_the_executor(checkpoints, group):
     module, since a rank that fails to build stops the group."""
     with pytest.raises(DriverError, match=r"int4 quantizes .*down_proj in groups of 128"):
         group.build(spec(checkpoints["narrow"], 2, weight_dtype="int4"))
+
+
+def test_fp8_blocks_kept_on_block_edges_else_dequantized():
+    """A rank's slice of an FP8 block checkpoint (rank 1 of 2, no group: the layout is set by hand) keeps
+    the shipped codes and scale blocks when it starts and ends on 128 edges; a slice that cuts blocks is
+    dequantized and requantized into its own blocks."""
+    from pie.layers.quant_formats import dequantize_fp8_blocks, quantize_fp8_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=gen)
+    codes, scale = quantize_fp8_blocks(w)  # the checkpoint: [256, 512] e4m3, [2, 4] block scales
+
+    row = QuantLinear(256, 256, False, "fp8_block", torch.float32)  # row-parallel: inputs [256, 512)
+    row.row_parallel = (512, 256)
+    row.load_weight(codes, None, scale)
+    assert torch.equal(row.weight.view(torch.uint8), codes[:, 256:].contiguous().view(torch.uint8))
+    assert torch.equal(row.weight_scale, scale[:, 2:])
+
+    t_codes, t_scale = quantize_fp8_blocks(w.t().contiguous())  # [512, 256], [4, 2]
+    col = QuantLinear(256, 128, False, "fp8_block", torch.float32, {0: (0, 128)})  # rows [128, 256) of part 0
+    col.parts = {0: (512, 128, 128)}
+    col.load_weight(t_codes, 0, t_scale)
+    assert torch.equal(col.weight.view(torch.uint8), t_codes[128:256].view(torch.uint8))
+    assert torch.equal(col.weight_scale, t_scale[1:2])
+
+    cut = QuantLinear(192, 256, False, "fp8_block", torch.float32)  # inputs [192, 384): cuts blocks 1 and 2
+    cut.row_parallel = (512, 192)
+    cut.load_weight(codes, None, scale)
+    want = dequantize_fp8_blocks(codes, scale)[:, 192:384]
+    got = dequantize_fp8_blocks(cut.weight, cut.weight_scale)
+    assert float((got - want).norm() / want.norm()) < 0.05  # requantized: e4m3 rounding, not a wrong slice
