@@ -116,11 +116,12 @@ def test_values_and_shorthands() -> None:
         (DEV + "activation_dtype = 'fp16'\n", ["'activation_dtype' must be one of \"bfloat16\", \"float16\", \"float32\""]),
         (DEV + "[model.driver.options]\nweight_dtype = 'fp32'\n", ["'weight_dtype' must be one of", '"auto"']),
         (CUDA + "[model.driver.options]\nruntime_quant = 'int8'\n", ["'runtime_quant' must be one of"]),
-        # not implemented yet
-        (DEV + "[model.driver.options]\nweight_dtype = 'int4'\n", ['weight_dtype = "int4" is not implemented yet']),
-        (CUDA + "[model.driver.options]\nweight_dtype = 'float8'\n", ["is not implemented yet"]),
-        (DEV + "[model.driver.options]\nweight_dtype = 'int8'\n", ["is not implemented yet"]),
-        (CUDA + "[model.driver.options]\nruntime_quant = 'fp8'\n", ['runtime_quant = "fp8" is not implemented yet']),
+        # quantization: formats that conflict, KV dtypes that do not exist
+        (CUDA + "[model.driver.options]\nweight_dtype = 'int4'\nruntime_quant = 'fp8'\n",
+         ['runtime_quant = "fp8" runs the weights in FP8 but weight_dtype = "int4"']),
+        (DEV + "[model.driver.options]\nkv_cache_dtype = 'fp8_e4m2'\n",
+         ["'kv_cache_dtype' must be one of \"auto\", \"fp8_e4m3\"", 'did you mean "fp8_e4m3"?']),
+        (DEV + "[model.driver.options]\nruntime_quant = 'fp8'\n", ["'runtime_quant' is a cuda_native option"]),
         # swap, page caps
         (CUDA + "[model.driver.options]\nswap_pool_size = -1\n", ["'swap_pool_size' must be >= 0, got -1"]),
         (CUDA + "[model.driver.options]\nswap_pool_size = 1.5\n", ["'swap_pool_size' must be an integer"]),
@@ -174,6 +175,23 @@ def test_valid_edge_values() -> None:
     opts = parse(CUDA + "[model.driver.options]\ngpu_mem_utilization = 1.0\nkv_page_size = 1\n").default_model
     assert opts.driver.options.kv_page_size == 1
     assert parse(DEV + "[model.driver.options]\nweight_dtype = 'float32'\ncpu_mem_budget_in_gb = 0\n")
+
+
+def test_quantization_options_parse_and_reach_the_executor_spec() -> None:
+    """weight_dtype int8/int4/float8 with any activation dtype, runtime_quant fp8 (= float8 weights) and
+    kv_cache_dtype fp8_e4m3 are valid and arrive in the ExecutorSpec the factory builds."""
+    from pie.drivers.factory import executor_spec
+
+    for wd in ("int8", "int4", "float8"):
+        cfg = parse(DEV + f"activation_dtype = 'bfloat16'\n[model.driver.options]\nweight_dtype = '{wd}'\n")
+        assert cfg.default_model.driver.options.weight_dtype == wd
+    dev = parse(DEV + "[model.driver.options]\nweight_dtype = 'int4'\nkv_cache_dtype = 'fp8_e4m3'\n")
+    spec = executor_spec(dev.default_model)
+    assert (spec.weight_dtype, spec.kv_cache_dtype) == ("int4", "fp8_e4m3")
+    cuda = parse(CUDA + "[model.driver.options]\nruntime_quant = 'fp8'\n").default_model
+    assert cuda.driver.options.runtime_quant == "fp8"
+    assert executor_spec(cuda).weight_dtype == "float8"
+    assert executor_spec(parse(CUDA).default_model).kv_cache_dtype == "auto"
 
 
 def test_swap_page_cap_and_runtime_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,7 +347,7 @@ def test_set_value(tmp_path: Path) -> None:
     [
         ("model.driver.options.kv_page_size", "24", "power of two"),
         ("model.driver.options.gpu_mem_utilisation", "0.5", "did you mean 'gpu_mem_utilization'"),
-        ("model.driver.options.weight_dtype", "int4", "not implemented yet"),
+        ("model.driver.options.weight_dtype", "int5", "'weight_dtype' must be one of"),
         ("runtime.snapshot_dri", "x", "did you mean 'snapshot_dir'"),
         ("runtime.snapshot_dir", "3", "'snapshot_dir' must be a string"),
         ("model.driver.device", "gpu", 'bad device "gpu"'),

@@ -154,8 +154,10 @@ def test_random_weights_seeded(tmp_path):
 
 def test_dtype_and_device_options(tiny_checkpoint):
     path = str(tiny_checkpoint("llama"))
-    with pytest.raises(DriverError, match="not implemented yet"):
-        ModelExecutor(ExecutorSpec(model_path=path, weight_dtype="int8"))
+    with pytest.raises(DriverError, match="is not one of auto, bfloat16"):
+        ModelExecutor(ExecutorSpec(model_path=path, weight_dtype="int5"))
+    with pytest.raises(DriverError, match="kv_cache_dtype 'fp16' is not one of auto, fp8_e4m3"):
+        ModelExecutor(ExecutorSpec(model_path=path, kv_cache_dtype="fp16", num_pages=4))
     with pytest.raises(DriverError, match="mixed precision"):
         ModelExecutor(ExecutorSpec(model_path=path, weight_dtype="bfloat16"))
     if not torch.cuda.is_available():

@@ -105,11 +105,26 @@ class AttentionMetadata:
         )
 
 
-def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+FP8_KV = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value; the cast of anything larger is NaN, so writes saturate
+
+
+def append_kv(
+    kv_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scales: tuple[float, float] | None = None,
+) -> None:
     """Write this batch's new K/V into the paged cache.
 
-    kv_cache: [num_pages, 2, page_size, Hkv, D]; k, v: [T, Hkv, D]
+    kv_cache: [num_pages, 2, page_size, Hkv, D]; k, v: [T, Hkv, D]. An FP8 cache stores k / k_scale and
+    v / v_scale (scales: this layer's (k_scale, v_scale); None = 1), saturated to e4m3's range.
     """
+    if kv_cache.dtype == FP8_KV:
+        k_scale, v_scale = scales or (1.0, 1.0)
+        k = (k.float() * (1.0 / k_scale)).clamp_(-FP8_MAX, FP8_MAX)
+        v = (v.float() * (1.0 / v_scale)).clamp_(-FP8_MAX, FP8_MAX)
     kv_cache[meta.append_pages, 0, meta.append_offsets] = k.to(kv_cache.dtype)
     kv_cache[meta.append_pages, 1, meta.append_offsets] = v.to(kv_cache.dtype)
 
@@ -129,6 +144,8 @@ class AttentionBackend(ABC):
         device: torch.device,
         sm_scale: float | None = None,
         layer_params: list[AttentionParams] | None = None,
+        kv_dtype: torch.dtype | None = None,
+        kv_scales: list[tuple[float, float]] | None = None,
     ) -> None:
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
@@ -141,6 +158,16 @@ class AttentionBackend(ABC):
         self.default_params = AttentionParams(num_qo_heads, num_kv_heads, head_dim, self.sm_scale)
         # every distinct layer's params, in first-use order (the kinds planned per batch)
         self.layer_params: list[AttentionParams] = list(dict.fromkeys(layer_params or [self.default_params]))
+        # KV pages' element dtype (dtype unless an FP8 cache) and, for FP8, each layer's (k_scale, v_scale):
+        # stored = value / scale, read = stored * scale
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_scales = kv_scales
+
+    def kv_scale(self, layer_idx: int) -> tuple[float, float] | None:
+        """This layer's FP8 KV scales (None: the cache is not FP8, or both scales are 1: nothing to apply)."""
+        if self.kv_scales is None or self.kv_scales[layer_idx] == (1.0, 1.0):
+            return None
+        return self.kv_scales[layer_idx]
 
     @abstractmethod
     def plan(self, meta: AttentionMetadata) -> None:

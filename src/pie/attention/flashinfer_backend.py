@@ -23,6 +23,10 @@ run on the portable torch backend instead, planned for the same batch; the other
 graphs are off for such models (the torch backend plans on the host per batch), and so for every model with
 sinks (masked batches may need the fallback; the graph-mode decode wrappers have no sink variant).
 
+FP8 KV cache (kv_dtype float8_e4m3fn): every wrapper is planned with kv_data_type e4m3 and reads the pages as
+they are (no dequantized copy); each layer's (k_scale, v_scale) goes to run(), which folds k_scale into the
+softmax scale and multiplies the output by v_scale (the sink wrapper gets the same two by hand).
+
 Both use the NHD layout, which is pie's cache layout: kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
 FlashInfer's causal mode aligns the query block to the end of the KV (query i of a request with qo_len n and
 kv_len L sees slots <= L - n + i), which is exactly pie's "new tokens occupy the last n slots" rule. A custom
@@ -90,6 +94,12 @@ def decode_uses_tensor_cores(num_qo_heads: int, num_kv_heads: int) -> bool:
     return num_qo_heads // num_kv_heads >= TENSOR_CORE_MIN_GROUP
 
 
+def _scale_kwargs(scales: tuple[float, float] | None) -> dict[str, float]:
+    """run()'s k_scale / v_scale for an FP8 cache (0.6.3 multiplies sm_scale by k_scale and the output by
+    v_scale); nothing otherwise."""
+    return {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
+
+
 def _host_i32(a: np.ndarray) -> torch.Tensor:
     """A CPU int32 tensor sharing memory with `a` when it already is contiguous int32 (no copy)."""
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
@@ -126,7 +136,7 @@ def decode_plan_args(
     kwargs = dict(
         pos_encoding_mode="NONE",
         q_data_type=backend.dtype,
-        kv_data_type=backend.dtype,
+        kv_data_type=backend.kv_dtype,  # float8_e4m3fn for an FP8 cache: the kernels read it as is
         sm_scale=p.sm_scale,
         **_kind_kwargs(p),
     )
@@ -165,7 +175,7 @@ def prefill_plan_args(
         pos_encoding_mode="NONE",
         sm_scale=p.sm_scale,
         q_data_type=backend.dtype,
-        kv_data_type=backend.dtype,
+        kv_data_type=backend.kv_dtype,  # float8_e4m3fn for an FP8 cache: the kernels read it as is
         **_kind_kwargs(p),
     )
     return args, kwargs
@@ -184,9 +194,20 @@ class FlashInferBackend(AttentionBackend):
         device: torch.device,
         sm_scale: float | None = None,
         layer_params: list[AttentionParams] | None = None,
+        kv_dtype: torch.dtype | None = None,
+        kv_scales: list[tuple[float, float]] | None = None,
     ) -> None:
         super().__init__(
-            num_qo_heads, num_kv_heads, head_dim, page_size, dtype, device, sm_scale, layer_params
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            dtype,
+            device,
+            sm_scale,
+            layer_params,
+            kv_dtype,
+            kv_scales,
         )
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -218,7 +239,7 @@ class FlashInferBackend(AttentionBackend):
                     KV_LAYOUT,
                     backend=FA_BACKEND,
                     q_data_type=dtype,
-                    kv_data_type=dtype,
+                    kv_data_type=self.kv_dtype,
                     head_dim_qk=p.head_dim,
                     head_dim_vo=p.head_dim,
                     window_left=p.window_left,
@@ -244,7 +265,16 @@ class FlashInferBackend(AttentionBackend):
             from pie.attention.torch_backend import TorchBackend
 
             self._fallback = TorchBackend(
-                num_qo_heads, num_kv_heads, head_dim, page_size, dtype, self.device, sm_scale, layer_params
+                num_qo_heads,
+                num_kv_heads,
+                head_dim,
+                page_size,
+                dtype,
+                self.device,
+                sm_scale,
+                layer_params,
+                self.kv_dtype,
+                kv_scales,
             )
         self._active: dict[AttentionParams, Any] = {}  # kind -> the wrapper planned for the current batch
         self._planned = False  # _active may be empty after a plan (sink kinds of a masked batch: fallback)
@@ -310,12 +340,15 @@ class FlashInferBackend(AttentionBackend):
             return self._fallback.run(q, kv_cache, layer_idx, p, sinks)
         # The kernels were planned for self.dtype; .contiguous() is a no-op for the model's fresh q.
         out_dtype, q = q.dtype, q.to(self.dtype).contiguous()
+        scales = self.kv_scale(layer_idx)  # FP8 pages: k_scale folds into sm_scale, v_scale scales the output
         if p.has_sinks:
             if sinks is None:
                 raise ValueError(f"layer {layer_idx} has attention sinks but run() got no sink tensor")
             # the variant's extra arguments: sink logits [Hq] fp32, then its softmax scale
-            return wrapper.run(q, kv_cache, sinks.float(), float(p.sm_scale)).to(out_dtype)
-        return wrapper.run(q, kv_cache).to(out_dtype)
+            k_scale, v_scale = scales or (1.0, 1.0)
+            out = wrapper.run(q, kv_cache, sinks.float(), float(p.sm_scale) * k_scale)
+            return (out * v_scale if v_scale != 1.0 else out).to(out_dtype)
+        return wrapper.run(q, kv_cache, **_scale_kwargs(scales)).to(out_dtype)
 
 
 # ---- CUDA-graph decode --------------------------------------------------------------------------------
@@ -405,6 +438,8 @@ class FlashInferDecodeGraph(AttentionBackend):
             parent.device,
             parent.sm_scale,
             list(parent._wrappers),
+            parent.kv_dtype,
+            parent.kv_scales,
         )
         import flashinfer
 
@@ -446,5 +481,6 @@ class FlashInferDecodeGraph(AttentionBackend):
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [B, Hq, D]; kv_cache: [num_pages, 2, page_size, Hkv, D] -> [B, Hq, D] in q's dtype."""
-        out = self._wrappers[params or self.default_params].run(q.to(self.dtype).contiguous(), kv_cache)
+        wrapper = self._wrappers[params or self.default_params]
+        out = wrapper.run(q.to(self.dtype).contiguous(), kv_cache, **_scale_kwargs(self.kv_scale(layer_idx)))
         return out.to(q.dtype)

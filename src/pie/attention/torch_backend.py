@@ -2,7 +2,8 @@
 
 Plan (once per batch) splits the requests into groups and precomputes, per group, the token rows it
 owns, the (page, offset) of every KV slot to gather, and the bool mask; run (once per layer) gathers K/V
-with one advanced-indexing op per group and calls torch SDPA.
+with one advanced-indexing op per group and calls torch SDPA. FP8 pages (kv_dtype float8_e4m3fn) are
+dequantized as they are gathered: cast to the query dtype, times the layer's scale.
 
 Groups: all single-token requests (decode steps, with or without a custom mask) form ONE group, padded
 to the longest KV length (padding masked out), so a decode batch is one SDPA call per layer. Each
@@ -141,6 +142,9 @@ class TorchBackend(AttentionBackend):
             qg = q[g.rows].view(G, n, Hq, D).transpose(1, 2)  # [G, Hq, n, D]
             k = kv_cache[g.pages, 0, g.offsets].transpose(1, 2).to(q.dtype)  # [G, Hkv, S, D]
             v = kv_cache[g.pages, 1, g.offsets].transpose(1, 2).to(q.dtype)
+            scales = self.kv_scale(layer_idx)
+            if scales is not None:  # FP8 pages hold value / scale (attention.base.append_kv)
+                k, v = k * scales[0], v * scales[1]
             mask = g.mask_for(p.window_left)
             if p.logits_soft_cap > 0 or p.has_sinks:
                 o = _explicit_attention(qg, k, v, mask, p, sinks)

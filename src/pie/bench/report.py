@@ -166,6 +166,8 @@ def build_record(
         "model": {"name": model_name, "random_weights": random_weights, **model_shape(cfg, nbytes)},
         "settings": {
             "dtype": opts.dtype,
+            "weight_dtype": opts.weight_dtype,
+            "kv_cache_dtype": opts.kv_cache_dtype,
             "page_size": opts.page_size,
             "context": opts.context,
             "attention_backend": caps.get("extra", {}).get("attention_backend"),
@@ -197,7 +199,8 @@ def print_table(record: dict, file: IO[str]) -> None:
         caption=(
             f"ceilings measured: copy {c['copy_bandwidth_GBps']:,.0f} GB/s (read + write), bf16 matmul "
             f"{c['matmul_tflops']:,.0f} TFLOP/s; attention {record['settings']['attention_backend']}, "
-            f"{record['settings']['dtype']}, page {record['settings']['page_size']}, context {record['settings']['context']}; "
+            f"{record['settings']['dtype']}{_quant_note(record['settings'])}, page {record['settings']['page_size']}, "
+            f"context {record['settings']['context']}; "
             "ratio = time / floor time"
         ),
     )
@@ -240,3 +243,11 @@ def print_tensor_parallel(tp: dict, record: dict, file: IO[str]) -> None:
         step = steps.get(name)
         share = f" of a {step * 1e3:.3f} ms step ({s / step:.0%})" if step else ""
         print(f"  {name}: collectives {s * 1e3:.3f} ms{share}", file=file)
+
+
+def _quant_note(settings: dict) -> str:
+    """ ", weights int4, KV fp8_e4m3" for quantized runs (records written before these keys had none)."""
+    parts = [f"weights {settings['weight_dtype']}"] if settings.get("weight_dtype", "auto") != "auto" else []
+    if settings.get("kv_cache_dtype", "auto") != "auto":
+        parts.append(f"KV {settings['kv_cache_dtype']}")
+    return "".join(f", {p}" for p in parts)

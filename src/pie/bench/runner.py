@@ -45,6 +45,8 @@ class BenchOptions:
     e2e_steps: int = 0  # > 0: also generate this many tokens per inferlet through the runtime and SDK
     tensor_parallel_size: int = 1  # > 1: one process per device in `devices` (pie.drivers.tp)
     devices: tuple[str, ...] = ()  # one per rank; () means (device,)
+    weight_dtype: str = "auto"  # int8 / int4 / float8: quantized projections (floors stay the bf16 ones)
+    kv_cache_dtype: str = "auto"  # fp8_e4m3: FP8 KV pages
 
     @property
     def decode_steps_total(self) -> int:
@@ -289,6 +291,8 @@ def executor_spec(model_path: str, opts: BenchOptions, random_weights: bool):
         model_path=str(model_path),
         device=opts.device,
         activation_dtype=opts.dtype,
+        weight_dtype=opts.weight_dtype,
+        kv_cache_dtype=opts.kv_cache_dtype,
         page_size=opts.page_size,
         kv_policy="cuda_native",
         num_pages=opts.num_pages(),

@@ -78,6 +78,15 @@ def register(subparsers: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--attention", default="auto", choices=("auto", "flashinfer", "torch"), help="attention backend"
     )
     p.add_argument(
+        "--weight-dtype",
+        default="auto",
+        choices=("auto", "int8", "int4", "float8"),
+        help="quantized projections (docs/quantization.md); floors stay those of the activation dtype",
+    )
+    p.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3"), help="fp8_e4m3: FP8 KV pages"
+    )
+    p.add_argument(
         "--no-cuda-graphs",
         dest="cuda_graphs",
         action="store_false",
@@ -168,6 +177,8 @@ def parse_options(args: argparse.Namespace, device: str, dtype: str):
             device, getattr(args, "tensor_parallel_size", 1), getattr(args, "devices", None)
         ),
         e2e_steps=_positive("e2e-steps", args.e2e_steps) if getattr(args, "e2e", False) else 0,
+        weight_dtype=getattr(args, "weight_dtype", "auto"),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
 
 

@@ -22,6 +22,7 @@ import tomli_w
 
 from pie.config.schema import (
     OPTIONS_BY_TYPE,
+    QUANTIZED_WEIGHT_DTYPES,
     CudaNativeOptions,
     DevOptions,
     DriverConfig,
@@ -118,10 +119,16 @@ def _check_driver(errors: list[str], raw: Any, model_where: str) -> DriverConfig
 
 
 def _check_precision(errors: list[str], where: str, act: str | None, options: Any, explicit: bool) -> None:
-    """Weights must be in the activation dtype (the executor has no mixed precision). A default
-    weight_dtype follows activation_dtype; an explicit different one is an error here, not at start."""
+    """Full-precision weights must be in the activation dtype (the executor has no mixed precision); quantized
+    ones (int8, int4, float8) compute in it. A default weight_dtype follows activation_dtype; an explicit
+    different one is an error here, not at start, as is runtime_quant "fp8" beside an integer weight_dtype."""
     weight = options.weight_dtype
-    if act is None or weight in ("auto", act):
+    if act is None or weight in ("auto", act, *QUANTIZED_WEIGHT_DTYPES):
+        if getattr(options, "runtime_quant", "") == "fp8" and weight in ("int8", "int4"):
+            errors.append(
+                f'{where}: runtime_quant = "fp8" runs the weights in FP8 but weight_dtype = {fmt_value(weight)} '
+                "asks for another format; remove one of them"
+            )
         return
     if not explicit:
         options.weight_dtype = act  # e.g. cuda_native's default "bfloat16" with activation_dtype float16

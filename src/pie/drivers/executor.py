@@ -47,6 +47,7 @@ from pie.drivers.protocol import (
     PageOps,
     PageOpsResult,
 )
+from pie.drivers.quantization import kv_cache_torch_dtype, kv_scales, weight_format
 from pie.drivers.sampling import SamplingParams, sample
 from pie.drivers.spec import ExecutorSpec
 from pie.drivers.state_pool import DEFAULT_SLOTS, StatePool
@@ -54,6 +55,14 @@ from pie.errors import DriverError
 from pie.layers.attention import ForwardContext, attention_params
 from pie.layers.gated_deltanet import RecurrentBatch
 from pie.layers.norm import RMSNorm
+from pie.layers.quant import FORMATS as QUANT_FORMATS
+from pie.layers.quant import (
+    QuantLinear,
+    finalize_quantized_,
+    init_random_quantized_,
+    quantize_model_,
+    quantized_bytes,
+)
 from pie.models.config import read_model_config
 from pie.models.registry import get_model_class
 from pie.models.weights import load_weights
@@ -70,22 +79,21 @@ _DTYPES = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
-_QUANTIZED = ("int4", "int8", "float8", "fp8", "float8_e4m3fn", "float8_e5m2")
 
 
 def resolve_dtypes(activation_dtype: str, weight_dtype: str) -> tuple[torch.dtype, torch.dtype]:
-    """(activation, weight) torch dtypes; weight "auto" means the activation dtype."""
+    """(activation, weight) torch dtypes; weight "auto" means the activation dtype. A quantized weight_dtype
+    (int8, int4, float8: pie.layers.quant) gives the activation dtype too: the dtype of the parameters it
+    leaves in full precision (norms, embeddings, LM head) and of the quantized layers' outputs."""
     if activation_dtype not in _DTYPES:
         raise DriverError(f"activation_dtype {activation_dtype!r} is not one of bfloat16, float16, float32")
     act = _DTYPES[activation_dtype]
-    if weight_dtype == "auto":
+    if weight_dtype == "auto" or weight_dtype in QUANT_FORMATS:
         return act, act
-    if weight_dtype in _QUANTIZED:
-        raise DriverError(
-            f"weight_dtype {weight_dtype!r} (quantized weights) is not implemented yet; use 'auto'"
-        )
     if weight_dtype not in _DTYPES:
-        raise DriverError(f"weight_dtype {weight_dtype!r} is not one of auto, bfloat16, float16, float32")
+        raise DriverError(
+            f"weight_dtype {weight_dtype!r} is not one of auto, bfloat16, float16, float32, int8, int4, float8"
+        )
     if _DTYPES[weight_dtype] != act:
         raise DriverError(
             f"weight_dtype {weight_dtype} differs from activation_dtype {activation_dtype}; mixed precision is "
@@ -115,13 +123,17 @@ def init_random_(model: torch.nn.Module, seed: int) -> None:
     """Benchmark weights: normal(0, 0.02) matrices, zero biases, unit norm scales; seeded, on-device."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     norms = {id(m.weight): m.init_value for m in model.modules() if isinstance(m, RMSNorm)}
+    quantized = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
     for name, p in model.named_parameters():
+        if id(p) in quantized:
+            continue  # filled below, quantized from the same distribution
         if id(p) in norms:
             p.data.fill_(norms[id(p)])
         elif name.endswith(".bias"):
             p.data.zero_()
         else:
             p.data.normal_(0.0, 0.02, generator=gen)
+    init_random_quantized_(model, gen)
 
 
 class ModelExecutor:
@@ -151,15 +163,28 @@ class ModelExecutor:
         # directly on the target device in the target dtype (an 8B model never touches host memory).
         with torch.device("meta"):
             model = model_cls(cfg)
-        model = model.to(dtype=self.weight_dtype).to_empty(device=self.device)
+        model = model.to(dtype=self.weight_dtype)
+        # quantized projections are swapped in before materializing: their full-precision weights never exist
+        self.weight_format = weight_format(spec.weight_dtype, spec.model_path, self.device, self.dtype)
+        if self.weight_format is not None:
+            try:  # at tensor_parallel_size > 1 each rank quantizes its own shard of every projection
+                quantize_model_(model, self.weight_format)
+            except ValueError as e:
+                raise DriverError(str(e)) from None
+        model = model.to_empty(device=self.device)
         if spec.random_weights:
             init_random_(model, spec.seed)
         else:
             load_weights(model, spec.model_path, progress=progress)
+        self.weight_kernels = finalize_quantized_(model)  # {kernel: layers}; empty unless quantized
+        if self.weight_kernels:
+            log.info("%s weights: %s", self.weight_format, self.weight_kernels)
         self.model = model.eval().requires_grad_(False)
         if self.tp > 1:  # one-shot all-reduces for decode-sized sums (CUDA; every rank, in step)
             prepare_fast_all_reduce(self.dtype)
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(
+            model
+        )
         # allocated before the KV plan reads free memory, so the pages are planned around it
         self.state_pool: StatePool | None = None
         graphs = spec.cuda_graphs and self.device.type == "cuda"
@@ -168,7 +193,8 @@ class ModelExecutor:
             self.state_pool = StatePool(cfg, slots, self.dtype, self.device, scratch=1 if graphs else 0)
         free_after = free_memory_bytes(self.device)
 
-        pbytes = page_bytes(cfg, spec.page_size, self.dtype, self.tp)
+        self.kv_dtype = kv_cache_torch_dtype(spec.kv_cache_dtype, self.dtype)
+        pbytes = page_bytes(cfg, spec.page_size, self.kv_dtype, self.tp)
         act_bytes = torch.empty((), dtype=self.dtype).element_size()
         planned: int | str
         try:
@@ -202,7 +228,7 @@ class ModelExecutor:
         try:
             for (kv_heads, head_dim), layer_ids in kv_layer_groups(cfg, self.tp):
                 shape = (len(layer_ids), pages, 2, spec.page_size, kv_heads, head_dim)
-                group = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                group = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                 self.kv_cache_groups.append(group)
                 for layer, view in zip(layer_ids, group.unbind(0), strict=True):
                     self.kv_caches[layer] = view  # [num_pages, 2, ps, Hkv_l, D_l]
@@ -232,6 +258,8 @@ class ModelExecutor:
             device=self.device,
             sm_scale=first.sm_scale,
             layer_params=self.layer_params,
+            kv_dtype=self.kv_dtype,
+            kv_scales=kv_scales(cfg.num_layers) if self.kv_dtype != self.dtype else None,
         )
         self._prev_tokens: torch.Tensor | None = None  # sampled tokens of the last batch, on the device
         self._sampling_key: bytes | None = None  # the sampler fields of the last pass, and their tensors
@@ -296,6 +324,8 @@ class ModelExecutor:
                 ),
                 "eos_token_ids": list(cfg.eos_token_ids),
                 "weights_bytes": self.weights_bytes,
+                "weight_format": self.weight_format,  # None, or a pie.layers.quant format
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
                 "kv_cache_bytes": sum(g.numel() * g.element_size() for g in self.kv_cache_groups),
                 "cuda_graphs": self.graphs is not None,
                 "tensor_parallel_size": self.tp,

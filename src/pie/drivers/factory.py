@@ -25,11 +25,14 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
     model_config = read_model_config(model_path)
     if d.tensor_parallel_size > 1:  # heads and sizes must split evenly over the ranks: say so before starting
         from pie.drivers.executor import tensor_parallel_problem
+        from pie.drivers.quantization import tensor_parallel_quant_problem
         from pie.models.registry import get_model_class
 
-        problem = tensor_parallel_problem(
-            model_config, get_model_class(model_config.model_type), d.tensor_parallel_size
-        )
+        model_cls = get_model_class(model_config.model_type)
+        problem = tensor_parallel_problem(model_config, model_cls, d.tensor_parallel_size)
+        if problem is None:  # each rank quantizes its own shard: the format's blocks must not straddle ranks
+            quant = "float8" if getattr(o, "runtime_quant", "") == "fp8" else o.weight_dtype
+            problem = tensor_parallel_quant_problem(model_cls, model_config, d.tensor_parallel_size, quant)
         if problem is not None:
             raise ConfigError(f"model {entry.name!r}: {problem}")
     common = dict(
@@ -38,7 +41,9 @@ def executor_spec(entry: ModelEntry) -> ExecutorSpec:
         devices=list(d.device),
         tensor_parallel_size=d.tensor_parallel_size,
         activation_dtype=d.activation_dtype,
-        weight_dtype=o.weight_dtype,
+        # cuda_native's runtime_quant "fp8" is FP8 weights and activations: weight_dtype "float8"
+        weight_dtype="float8" if getattr(o, "runtime_quant", "") == "fp8" else o.weight_dtype,
+        kv_cache_dtype=o.kv_cache_dtype,
         page_size=o.kv_page_size,
         gpu_mem_utilization=o.gpu_mem_utilization,
         max_batch_tokens=o.max_batch_tokens,
@@ -74,7 +79,8 @@ def swap_slots_for_budget(entry: ModelEntry, model_config) -> int:
     budget = o.cpu_mem_budget_in_gb
     if budget == 0:
         return 0
-    nbytes = page_bytes(model_config, o.kv_page_size, getattr(torch, d.activation_dtype))
+    kv_dtype = torch.float8_e4m3fn if o.kv_cache_dtype == "fp8_e4m3" else getattr(torch, d.activation_dtype)
+    nbytes = page_bytes(model_config, o.kv_page_size, kv_dtype)
     slots = int(budget * GiB // nbytes)
     if slots < 1:
         raise ConfigError(

@@ -10,7 +10,8 @@ class ExecutorSpec:
     model_path: str  # a resolved local directory holding config.json, safetensors, tokenizer
     device: str = "cpu"  # "cpu" or "cuda:N"
     activation_dtype: str = "float32"  # bfloat16, float16, float32
-    weight_dtype: str = "auto"  # auto (= activation dtype), bfloat16, float16, float32
+    weight_dtype: str = "auto"  # auto (= activation dtype), bfloat16, float16, float32; int8, int4, float8
+    kv_cache_dtype: str = "auto"  # auto (= activation dtype) or fp8_e4m3 (drivers/quantization.py)
     page_size: int = 16
     # How the KV page count is planned:
     #   "cuda_native": min(max_num_kv_pages, what gpu_mem_utilization of free memory allows)

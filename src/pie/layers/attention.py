@@ -132,7 +132,7 @@ class Attention(nn.Module):
         if scale is not None:
             q = q * scale.to(q.dtype)[:, None, None]
         kv_cache = ctx.kv_caches[self.layer_idx]
-        append_kv(kv_cache, k, v, ctx.meta)
+        append_kv(kv_cache, k, v, ctx.meta, ctx.backend.kv_scale(self.layer_idx))
         o = ctx.backend.run(q, kv_cache, self.layer_idx, self.params, self.sinks)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 

@@ -85,6 +85,25 @@ def copy_pieces(
         dst.narrow(dim, d, n).copy_(src.narrow(dim, s, n))
 
 
+def column_pieces(
+    parts: dict[str | int, tuple[int, int, int]],
+    shard_slices: dict[str | int, tuple[int, int]],
+    shard_id: str | int | None,
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """(full size along dim 0, [(dst row, src row, rows)]) of a column-parallel layer (`parts`: {shard_id:
+    (full rows, first row of this rank, rows on this rank)}, `shard_slices`: where each part sits in the local
+    weight) for one part, or for the whole fused tensor when the checkpoint stores it fused (shard_id None:
+    Phi-3's qkv_proj, gate_up_proj). Shared by ColumnParallelMerged and its quantized twin (layers/quant.py)."""
+    if shard_id is not None:
+        full, start, n = parts[shard_id]
+        return full, [(shard_slices[shard_id][0], start, n)]
+    out, base = [], 0
+    for k, (full, start, n) in parts.items():
+        out.append((shard_slices[k][0], base + start, n))
+        base += full
+    return base, out
+
+
 def whole(src: Source, dst: torch.Tensor, what: str) -> None:
     """A replicated tensor: the whole checkpoint tensor into dst."""
     if tuple(src.shape) != tuple(dst.shape):
@@ -103,16 +122,8 @@ class ColumnParallelMerged(MergedLinear):
         self.parts = parts
 
     def pieces(self, shard_id: str | int | None) -> tuple[int, list[tuple[int, int, int]]]:
-        """(full size along dim 0, [(dst row, src row, rows)]) for one part, or for the whole fused tensor
-        when the checkpoint stores it fused (shard_id None: Phi-3's qkv_proj, gate_up_proj)."""
-        if shard_id is not None:
-            full, start, n = self.parts[shard_id]
-            return full, [(self.shard_slices[shard_id][0], start, n)]
-        out, base = [], 0
-        for k, (full, start, n) in self.parts.items():
-            out.append((self.shard_slices[k][0], base + start, n))
-            base += full
-        return base, out
+        """(full size along dim 0, [(dst row, src row, rows)]) for one part (see `column_pieces`)."""
+        return column_pieces(self.parts, self.shard_slices, shard_id)
 
     def load_param(self, name: str, param: nn.Parameter, src: Source, shard_id: str | int | None) -> None:
         full, pieces = self.pieces(shard_id)

@@ -289,7 +289,7 @@ class Gemma4Attention(nn.Module):
             q, k = self.rotary(positions, q, self.k_norm(k))
             v = rms_normalize(v, self.eps)
             kv_cache = ctx.kv_caches[self.layer_idx]
-            append_kv(kv_cache, k, v, ctx.meta)
+            append_kv(kv_cache, k, v, ctx.meta, ctx.backend.kv_scale(self.layer_idx))
         o = ctx.backend.run(q, kv_cache, self.layer_idx, self.params)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 

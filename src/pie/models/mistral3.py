@@ -4,7 +4,8 @@
 ministral3 is the Mistral block with YaRN rope and, where rope_parameters carry `llama_4_scaling_beta`,
 queries scaled after RoPE by 1 + beta * log(1 + floor(pos / original_max_position_embeddings)); a set
 `sliding_window` windows every layer (as transformers' Ministral3Model does). FP8 checkpoints
-(`weight_scale_inv` beside each weight) are dequantized at load (pie.models.weights).
+(`weight_scale_inv` beside each weight) are dequantized at load (pie.models.weights), or kept as FP8 with
+their 128 x 128 block scales where torch's block-scaled GEMM runs (CUDA sm90; pie.layers.quant).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Per checkpoint tensor: (1) the model's `checkpoint_prefixes` rename a multimodal
 (vision towers, projectors) are skipped; (2) fused projections are declared as data
 (`packed_modules_mapping`: {"q_proj": ("qkv_proj", "q"), ...}) and the fused module's `load_shard` places
 the tensor; (3) FP8 weights with a `weight_scale_inv` (per tensor, per row or per block) are dequantized to
-the parameter's dtype (until FP8 GEMMs exist); their activation scales are not needed. Tensors are read
+the parameter's dtype; their activation scales are not needed. A module with a `load_weight(tensor, shard_id,
+scale)` method (layers/quant.py's QuantLinear) receives its weight instead, FP8 ones with their scale, and
+stores it quantized (an FP8 checkpoint on a kernel that takes its blocks is kept as shipped). Tensors are read
 straight onto the parameter's device and cast by copy_.
 
 MoE families also declare, as data:
@@ -24,7 +26,9 @@ Tensor parallelism: a module with `load_param(name, param, source, shard_id)` (p
 the tensor itself, reading only its rank's slice: the source reads slices straight from safetensors
 (`get_slice`), so a rank never materializes the whole tensor. Tensors that must be converted first (FP8,
 MXFP4, checkpoint_transforms) are read whole, converted, then sliced. At tensor_parallel_size 1 the slice
-is the whole tensor: one code path.
+is the whole tensor: one code path. A quantized layer (QuantLinear) is both: `load_param` reads its rank's
+slice of a full-precision weight, `load_weight(source, shard_id, scale)` takes an FP8 one with its scale and
+slices it itself (keeping 128 x 128 blocks where the rank's slice starts and ends on block edges).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from tqdm import tqdm
 
 from pie.errors import ModelError
 from pie.layers.parallel import TensorSource
+from pie.layers.quant_formats import dequantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +55,6 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 # Companions of FP8 weights: the dequantization scale (read with its weight) and static activation scales.
 _SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".activation_scale")
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 W * s for an FP8 weight [O, I] and its scale: a scalar, [O] / [O, 1] per row, or [ceil(O / bo),
-    ceil(I / bi)] per block (block size inferred from the shapes, as DeepSeek/Mistral FP8 checkpoints ship
-    128 x 128 blocks)."""
-    w, s = weight.float(), scale.float()
-    if s.numel() == 1:
-        return w * s.reshape(())
-    rows, cols = w.shape
-    if s.dim() == 1 or s.shape[-1] == 1:
-        return w * s.reshape(rows, 1)
-    bo, bi = -(-rows // s.shape[0]), -(-cols // s.shape[1])
-    full = s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
-    return w * full
 
 
 # MXFP4 (OCP microscaling FP4, E2M1): the 16 values of a nibble; low nibble first in each byte.
@@ -162,10 +152,13 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                         log.debug("ignoring checkpoint tensor %s (not used by this model)", key)
                         continue
                     module = model.get_submodule(name.rsplit(".", 1)[0])
+                    # quantized layers (layers/quant.py) take the checkpoint tensor, and an FP8 one's scale, as is
+                    quantizing = name.endswith(".weight") and hasattr(module, "load_weight")
+                    fp8 = _is_fp8(f, key)
                     direct = (
                         hasattr(module, "load_param")
                         and mx_base is None
-                        and not _is_fp8(f, key)
+                        and not fp8
                         and not any(name.endswith(sfx) for sfx in transforms)
                     )
                     try:
@@ -181,11 +174,15 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path, progress: bool =
                             tensor = dequantize_mxfp4(tensor, f.get_tensor(mx_base + _MXFP4_SCALES))
                         except ValueError as e:
                             raise ModelError(f"checkpoint tensor {key}: {e}") from None
-                    if tensor.dtype in _FP8:
-                        tensor = _dequantized(f, key, key_set, tensor)
+                    if tensor.dtype in _FP8 and not quantizing:
+                        tensor = dequantize_fp8(tensor, _fp8_scale(f, key, key_set))
                     tensor = _transformed(name, tensor, transforms)
                     try:
-                        if hasattr(module, "load_param"):
+                        if quantizing:  # this rank's slice of it, FP8 blocks kept where the split allows
+                            scale = _fp8_scale(f, key, key_set) if tensor.dtype in _FP8 else None
+                            module.load_weight(TensorSource(tensor), shard_id, scale)
+                            _mark(name, shard_id, loaded, shard_seen)
+                        elif hasattr(module, "load_param"):
                             module.load_param(name.rsplit(".", 1)[1], param, TensorSource(tensor), shard_id)
                             _mark(name, shard_id, loaded, shard_seen)
                         elif shard_id is None:
@@ -252,12 +249,12 @@ def _open(path: Path, device: str):
         ) from None
 
 
-def _dequantized(f, key: str, keys: set[str], tensor: torch.Tensor) -> torch.Tensor:
-    """An FP8 checkpoint tensor dequantized with its scale, which sits in the same file."""
+def _fp8_scale(f, key: str, keys: set[str]) -> torch.Tensor:
+    """The scale of FP8 checkpoint tensor `key`, which sits in the same file."""
     base = key.removesuffix(".weight")
     for suffix in (".weight_scale_inv", ".weight_scale"):
         if base + suffix in keys:
-            return dequantize_fp8(tensor, f.get_tensor(base + suffix))
+            return f.get_tensor(base + suffix)
     raise ModelError(
         f"checkpoint tensor {key} is FP8 but has no {base}.weight_scale_inv beside it; pie dequantizes FP8 "
         "weights with their scales and cannot load this one"
