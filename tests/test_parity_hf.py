@@ -64,9 +64,9 @@ def hf_model(path) -> torch.nn.Module:
     key = str(path)
     if key not in _HF:
         cls = hf_model_class(transformers.AutoConfig.from_pretrained(key))
-        _HF[key] = cls.from_pretrained(
-            key, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
-        ).eval()
+        # transformers' defaults on CPU (sdpa where the family allows it); the CUDA references of the GPU
+        # tests force eager attention and experts instead (see test_gpu.EAGER)
+        _HF[key] = cls.from_pretrained(key, dtype=torch.float32).eval()
     return _HF[key]
 
 
