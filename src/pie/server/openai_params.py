@@ -188,6 +188,16 @@ def _raw_messages(items: list, texts: list[tuple[str, str]]) -> list[dict]:
         for key in ("tool_call_id", "name"):
             if isinstance(m.get(key), str):
                 raw[key] = m[key]
+        if role == "tool":  # OpenAI's rule: a tool result answers a call of an earlier assistant message
+            ids = {c.get("id") for o in out if o["role"] == "assistant" for c in o.get("tool_calls", [])}
+            if not ids or raw.get("tool_call_id") not in ids:
+                raise ApiError(
+                    400,
+                    f"messages[{i}]: a message with role 'tool' must answer a tool call of an earlier "
+                    f"assistant message (its tool_call_id {raw.get('tool_call_id')!r} is none of "
+                    f"{sorted(i for i in ids if i) or 'no calls'})",
+                    "messages",
+                )
         out.append(raw)
     return out
 
