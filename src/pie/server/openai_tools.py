@@ -148,16 +148,31 @@ def parse_structure(d: dict, chat: bool) -> Structure:
 
 
 @dataclass(frozen=True)
-class LarkGrammar:
-    """An inferlet Schema (build_constraint) for a Lark grammar, compiled by llguidance."""
+class CallGrammar:
+    """An inferlet Schema (build_constraint): `pre` + one JSON object matching `schema` + `post`, as a Lark
+    grammar compiled by llguidance. A marker that is one token of the model's vocabulary (Qwen's
+    <tool_call>) is referenced by its id: llguidance never matches a control token against text."""
 
-    source: str
-    what: str
+    pre: str
+    post: str
+    schema: dict
+
+    def lark(self, tok) -> str:
+        def part(text: str) -> str:
+            parts = []
+            for piece in text.split("\n"):
+                tid = tok.token_id(piece) if piece else None
+                parts.append(f"<[{tid}]>" if tid is not None else json.dumps(piece) if piece else "")
+            return ' "\\n" '.join(parts).strip()
+
+        body = " ".join(x for x in (part(self.pre), "call", part(self.post)) if x)
+        return f"start: {body}\ncall: %json {json.dumps(self.schema)}\n"
 
     def build_constraint(self, model):
         from inferlet.grammar import Grammar, GrammarConstraint, _llg
 
-        grammar = Grammar(_llg().LLMatcher.grammar_from_lark(self.source), self.what).check()
+        src = self.lark(model._pie.tokenizer)
+        grammar = Grammar(_llg().LLMatcher.grammar_from_lark(src), "tool-call grammar").check()
         return GrammarConstraint.from_grammar(grammar, model)
 
 
@@ -175,7 +190,7 @@ def call_schema(tools: list[dict], args_key: str) -> dict:
     return alts[0] if len(alts) == 1 else {"anyOf": alts}
 
 
-def forced_call_constraint(fmt_name: str, tools: list[dict], model_name: str) -> LarkGrammar:
+def forced_call_constraint(fmt_name: str, tools: list[dict], model_name: str) -> CallGrammar:
     """A grammar that makes the output exactly one call in the model's native format."""
     if fmt_name == "qwen":
         pre, key, post = "<tool_call>\n", "arguments", "\n</tool_call>"
@@ -188,9 +203,7 @@ def forced_call_constraint(fmt_name: str, tools: list[dict], model_name: str) ->
             f"tool-call format ({fmt_name}) has no JSON-grammar form in pie yet; use tool_choice 'auto'",
             "tool_choice",
         )
-    schema = {**call_schema(tools, key), "x-guidance": _X_GUIDANCE}
-    body = f"{json.dumps(pre)} call {json.dumps(post)}" if pre else "call"
-    return LarkGrammar(f"start: {body}\ncall: %json {json.dumps(schema)}\n", "tool-call grammar")
+    return CallGrammar(pre, post, {**call_schema(tools, key), "x-guidance": _X_GUIDANCE})
 
 
 def output_constraint(s: Structure, fmt_name: str, model_name: str):
@@ -214,7 +227,7 @@ def check_constraint(c, model) -> None:
     try:
         c.build_constraint(model)
     except GrammarError as e:
-        param = "response_format" if not isinstance(c, LarkGrammar) else "tools"
+        param = "response_format" if not isinstance(c, CallGrammar) else "tools"
         raise ApiError(400, f"the schema does not compile: {e}", param) from None
 
 
