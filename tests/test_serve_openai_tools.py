@@ -208,8 +208,9 @@ def test_tool_history_round_trip_and_auto_shape(client):
         ({"response_format": {"type": "xml"}}, "response_format"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}},
-            None,
+            "response_format",
         ),
+        ({"response_format": {"type": "json_object"}, "logprobs": True}, "logprobs"),
     ],
 )
 def test_bad_structure_is_400(client, kw, param):
@@ -217,5 +218,4 @@ def test_bad_structure_is_400(client, kw, param):
         client.chat.completions.create(model="default", messages=MSGS, max_tokens=4, **kw)
     err = e.value.body
     assert err["type"] == "invalid_request_error" and err["message"]
-    if param:
-        assert err["param"] == param
+    assert err["param"] == param

@@ -164,6 +164,8 @@ class Run:
                 ev = await self.q.get()
                 if ev[0] == "failed":
                     e = ev[1]
+                    if isinstance(e, ApiError):  # a check that needed the model (openai_structured)
+                        raise e
                     status = 400 if isinstance(e, (PieError, ValueError)) else 500
                     raise ApiError(status, f"generation failed: {type(e).__name__}: {e}")
                 if ev[0] == "end":
