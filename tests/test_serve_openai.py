@@ -129,12 +129,15 @@ def test_errors_are_openais_shape(server, client):
         client.chat.completions.create(model="gpt-x", messages=MSGS)
     assert e.value.code == "model_not_found"
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
-        client.chat.completions.create(model="default", messages=MSGS, tools=[tool])
-    with pytest.raises(openai.BadRequestError, match="not supported yet"):
+    with pytest.raises(openai.BadRequestError, match="not among 'tools'"):
         client.chat.completions.create(
-            model="default", messages=MSGS, response_format={"type": "json_object"}
+            model="default",
+            messages=MSGS,
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
+    with pytest.raises(openai.BadRequestError, match="response_format type 'xml'"):
+        client.chat.completions.create(model="default", messages=MSGS, response_format={"type": "xml"})
     with pytest.raises(openai.BadRequestError, match="'temperature' must be in"):
         client.chat.completions.create(model="default", messages=MSGS, temperature=5)
     with pytest.raises(openai.BadRequestError, match="role 'tool'"):

@@ -81,8 +81,8 @@ def _sse(obj) -> bytes:
 
 # ---- running one request as an inferlet --------------------------------------------------------
 class Run:
-    """The events of one request's inferlet: ("delta", i, text), ("done", i, reason, tokens, logprobs),
-    ("prompt", n_tokens), ("error", exc) and ("end",)."""
+    """The events of one request's inferlet: ("delta", i, text), ("calls", i, tool_calls),
+    ("done", i, reason, tokens, logprobs), ("prompt", n_tokens), ("error", exc) and ("end",)."""
 
     def __init__(self, state, req: GenRequest, engine_model: str, user: str, label: str) -> None:
         self.state, self.req, self.engine_model = state, req, engine_model
@@ -106,6 +106,11 @@ class Run:
             raise
 
     async def _generate(self) -> None:
+        if self.req.structured:
+            from pie.server.openai_structured import generate_structured
+
+            await generate_structured(self.req, self.engine_model, self.q.put_nowait, self._delta)
+            return
         from pie.sdk import Context, Model, Sampler
 
         req = self.req
@@ -159,6 +164,8 @@ class Run:
                 ev = await self.q.get()
                 if ev[0] == "failed":
                     e = ev[1]
+                    if isinstance(e, ApiError):  # a check that needed the model (openai_structured)
+                        raise e
                     status = 400 if isinstance(e, (PieError, ValueError)) else 500
                     raise ApiError(status, f"generation failed: {type(e).__name__}: {e}")
                 if ev[0] == "end":

@@ -41,6 +41,7 @@ class _Format:
         total = len(req.prompts) * req.n
         self.texts = [""] * total
         self.done: list[tuple | None] = [None] * total
+        self.calls: list[list[dict] | None] = [None] * total  # OpenAI tool_calls of each choice
         self.prompt_tokens = 0
 
     prefix = "x"
@@ -50,6 +51,8 @@ class _Format:
             self.texts[ev[1]] += ev[2]
         elif ev[0] == "done":
             self.done[ev[1]] = ev
+        elif ev[0] == "calls":
+            self.calls[ev[1]] = ev[2]
         elif ev[0] == "prompt":
             self.prompt_tokens += ev[1]
 
@@ -84,10 +87,14 @@ class ChatFormat(_Format):
         choices = []
         for i, d in enumerate(self.done):
             lp = _logprobs_chat(self.tok, d[3], d[4]) if self.req.logprobs and d else None
+            message: dict = {"role": "assistant", "content": self.texts[i]}
+            if self.calls[i]:  # OpenAI: content null beside tool_calls (without the stream's index)
+                calls = [{k: v for k, v in c.items() if k != "index"} for c in self.calls[i]]
+                message = {"role": "assistant", "content": self.texts[i] or None, "tool_calls": calls}
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": self.texts[i]},
+                    "message": message,
                     "logprobs": lp,
                     "finish_reason": d[2] if d else "stop",
                 }
@@ -122,6 +129,19 @@ class ChatFormat(_Format):
             return [
                 self._base(
                     [{"index": ev[1], "delta": {"content": ev[2]}, "logprobs": None, "finish_reason": None}]
+                )
+            ]
+        if ev[0] == "calls":
+            return [
+                self._base(
+                    [
+                        {
+                            "index": ev[1],
+                            "delta": {"tool_calls": ev[2]},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
                 )
             ]
         if ev[0] == "done":

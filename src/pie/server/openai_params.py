@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, checked into one GenRequest (400 with the field on error).
 
-Not supported yet (400 that says so): tools / tool_choice (they need the tool-call decoders),
-response_format json_object / json_schema (the grammar engine), top_logprobs > 0, echo, suffix, best_of.
+Tools, tool_choice and response_format are checked in openai_tools. Not supported yet (400 that says
+so): response formats on /v1/responses, top_logprobs > 0, echo, suffix, best_of.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False  # an extension (vLLM's too): generate max_tokens whatever the model says
+    structure: object = None  # openai_tools.Structure: tools / tool_choice / response_format (None: none)
+    messages: list[dict] | None = None  # chat: the messages as sent (tool turns, assistant tool_calls)
+
+    @property
+    def structured(self) -> bool:
+        """Whether the run goes through openai_tools (tools, a grammar, or tool turns in the history)."""
+        s = self.structure
+        tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in self.messages or [])
+        return tool_turns or s is not None and (s.uses_tools or s.response_format is not None)
 
 
 def parse_json(body: bytes, limit: int) -> dict:
@@ -60,22 +69,23 @@ def _get(d: dict, key: str, types, default=None, lo=None, hi=None):
     return v
 
 
-def _unsupported(d: dict) -> None:
-    if d.get("tools"):
-        raise ApiError(
-            400, "'tools' is not supported yet by pie serve (tool-call decoding is pending)", "tools"
-        )
-    if d.get("tool_choice") not in (None, "none", "auto"):
-        raise ApiError(400, "'tool_choice' is not supported yet by pie serve", "tool_choice")
-    rf, text = d.get("response_format"), d.get("text")
-    if rf is None and isinstance(text, dict):  # the Responses API puts it under text.format
-        rf = text.get("format")
+def _unsupported_responses(d: dict) -> None:
+    text = d.get("text")
+    rf = text.get("format") if isinstance(text, dict) else None  # the Responses API: text.format
     if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
         raise ApiError(
             400,
-            f"response_format {rf.get('type')!r} is not supported yet by pie serve (the grammar engine is pending)",
-            "response_format",
+            f"text.format {rf.get('type')!r} is not supported yet on /v1/responses; use response_format "
+            "on /v1/chat/completions",
+            "text",
         )
+    if d.get("tools"):
+        raise ApiError(
+            400, "'tools' is not supported yet on /v1/responses; use /v1/chat/completions", "tools"
+        )
+
+
+def _unsupported(d: dict) -> None:
     for key in ("echo", "suffix"):
         if d.get(key):
             raise ApiError(400, f"'{key}' is not supported yet by pie serve", key)
@@ -136,7 +146,7 @@ def _text_of(content, where: str) -> str:
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", "messages")
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def _messages(items, where: str) -> list[tuple[str, str]]:
@@ -148,7 +158,7 @@ def _messages(items, where: str) -> list[tuple[str, str]]:
         if role not in ROLES:
             raise ApiError(
                 400,
-                f"{where}[{i}].role {role!r} is not supported (system, developer, user, assistant)",
+                f"{where}[{i}].role {role!r} is not supported (system, developer, user, assistant, tool)",
                 "messages",
             )
         out.append((ROLES[role], _text_of(m.get("content"), f"{where}[{i}]")))
@@ -157,11 +167,51 @@ def _messages(items, where: str) -> list[tuple[str, str]]:
     return out
 
 
+def _raw_messages(items: list, texts: list[tuple[str, str]]) -> list[dict]:
+    """The messages for the chat template: role, text, and the tool fields (tool_calls, tool_call_id)."""
+    out = []
+    for i, (m, (role, text)) in enumerate(zip(items, texts, strict=True)):
+        raw: dict = {"role": role, "content": text}
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if (
+                role != "assistant"
+                or not isinstance(calls, list)
+                or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)
+            ):
+                raise ApiError(
+                    400,
+                    f"messages[{i}].tool_calls must be a list of {{id, type, function}} on an assistant",
+                    "messages",
+                )
+            raw["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                raw[key] = m[key]
+        if role == "tool":  # OpenAI's rule: a tool result answers a call of an earlier assistant message
+            ids = {c.get("id") for o in out if o["role"] == "assistant" for c in o.get("tool_calls", [])}
+            if not ids or raw.get("tool_call_id") not in ids:
+                raise ApiError(
+                    400,
+                    f"messages[{i}]: a message with role 'tool' must answer a tool call of an earlier "
+                    f"assistant message (its tool_call_id {raw.get('tool_call_id')!r} is none of "
+                    f"{sorted(i for i in ids if i) or 'no calls'})",
+                    "messages",
+                )
+        out.append(raw)
+    return out
+
+
 def chat_request(d: dict, model: str) -> GenRequest:
+    from pie.server.openai_tools import parse_structure
+
     msgs = d.get("messages")
     if not isinstance(msgs, list):
         raise ApiError(400, "'messages' must be a list of {role, content} objects", "messages")
-    r = _common(d, model, [_messages(msgs, "messages")], chat=True)
+    texts = _messages(msgs, "messages")
+    r = _common(d, model, [texts], chat=True)
+    r.messages = _raw_messages(msgs, texts)
+    r.structure = parse_structure(d, chat=True)
     r.max_tokens = _get(d, "max_completion_tokens", int, None, 1) or _get(d, "max_tokens", int, None, 1)
     r.logprobs = bool(_get(d, "logprobs", bool, False))
     if _get(d, "top_logprobs", int, 0, 0, 20):
@@ -190,7 +240,10 @@ def completion_request(d: dict, model: str) -> GenRequest:
     for i, x in enumerate(prompts):
         if isinstance(x, str):
             _valid(x, f"prompt[{i}]")
+    from pie.server.openai_tools import parse_structure
+
     r = _common(d, model, prompts, chat=False)
+    r.structure = parse_structure(d, chat=False)
     r.max_tokens = _get(d, "max_tokens", int, 16, 0)
     lp = _get(d, "logprobs", int, None, 0, 5)
     if lp:
@@ -205,6 +258,7 @@ def completion_request(d: dict, model: str) -> GenRequest:
 
 
 def responses_request(d: dict, model: str) -> GenRequest:
+    _unsupported_responses(d)
     inp = d.get("input")
     msgs: list[tuple[str, str]] = []
     if instructions := _get(d, "instructions", str, None):
@@ -212,9 +266,10 @@ def responses_request(d: dict, model: str) -> GenRequest:
     if isinstance(inp, str):
         msgs.append(("user", _valid(inp, "input")))
     elif isinstance(inp, list):
-        msgs += _messages(
-            [m for m in inp if not (isinstance(m, dict) and m.get("type") not in (None, "message"))], "input"
-        )
+        items = [m for m in inp if not (isinstance(m, dict) and m.get("type") not in (None, "message"))]
+        if any(isinstance(m, dict) and m.get("role") == "tool" for m in items):
+            raise ApiError(400, "role 'tool' is not supported on /v1/responses", "input")
+        msgs += _messages(items, "input")
     else:
         raise ApiError(400, "'input' must be a string or a list of messages", "input")
     r = _common(d, model, [msgs], chat=True)
