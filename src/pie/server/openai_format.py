@@ -44,6 +44,16 @@ class _Format:
         self.calls: list[list[dict] | None] = [None] * total  # OpenAI tool_calls of each choice
         self.prompt_tokens = 0
 
+    def _base(self, choices: list) -> dict:
+        """The envelope of a streamed chunk (and of a completion): this format's chunk_object."""
+        return {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.req.model,
+            "choices": choices,
+        }
+
     prefix = "x"
 
     def add(self, ev: tuple) -> None:
@@ -73,15 +83,7 @@ class _Format:
 
 class ChatFormat(_Format):
     prefix = "chatcmpl"
-
-    def _base(self, choices: list) -> dict:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.req.model,
-            "choices": choices,
-        }
+    chunk_object = "chat.completion.chunk"
 
     def final(self) -> dict:
         choices = []
@@ -157,15 +159,7 @@ class ChatFormat(_Format):
 
 class CompletionFormat(_Format):
     prefix = "cmpl"
-
-    def _base(self, choices: list) -> dict:
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.req.model,
-            "choices": choices,
-        }
+    chunk_object = "text_completion"
 
     def final(self) -> dict:
         choices = []
